@@ -1,0 +1,23 @@
+"""PagedFleet: LLM serving on PagedAttention.
+
+`from pagedfleet import LLM` gives the offline engine. The import is lazy so that torch-free parts
+(the gateway, the scheduler service) can use `pagedfleet.tokenizer` without loading torch.
+"""
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from pagedfleet.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from pagedfleet.engine import LLMEngine
+
+        return LLMEngine
+    if name == "SamplingParams":
+        from protocol import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

@@ -1,0 +1,231 @@
+"""LLMEngine: the scheduler half and the worker half of PagedFleet in one process.
+
+The two halves exchange exactly the StepPlan / StepResult messages the fleet sends over Redis
+Streams; here they are passed as objects. Around them the engine tokenises prompts, detokenises
+output deltas and applies stop strings (which need text, so the scheduler cannot).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import FinishReason, GenerationRequest, RequestOutputDelta, SamplingParams
+from pagedfleet.outputs import CompletionOutput, RequestOutput
+from pagedfleet.output_processor import IncrementalDetokenizer
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    num_cpu_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+    attention_backend: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"
+    preemption_mode: str = "auto"
+    seed: int = 0
+    extra_worker: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _RequestState:
+    output: RequestOutput
+    params: SamplingParams
+    detoks: list[IncrementalDetokenizer]
+    aborted_by_stop: bool = False
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any):
+        from gpu_worker import ModelRunner, WorkerConfig
+        from scheduler import Scheduler, SchedulerConfig
+        from pagedfleet.model_files import resolve_model
+        from pagedfleet.tokenizer import Tokenizer
+
+        config = config or EngineConfig()
+        for k, v in overrides.items():
+            if not hasattr(config, k):
+                raise TypeError(f"unknown engine option {k!r}")
+            setattr(config, k, v)
+        self.config = config
+        files = resolve_model(config.model)
+        self.model_name = files.name
+        self.tokenizer = Tokenizer(files.path) if files.path is not None else None
+        worker_kwargs = dict(
+            model=config.model or files.name,
+            device=config.device,
+            dtype=config.dtype,
+            block_size=config.block_size,
+            num_gpu_blocks=config.num_gpu_blocks,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_dtype=config.kv_cache_dtype,
+            attention_backend=config.attention_backend,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+        )
+        if config.num_cpu_blocks is not None:
+            worker_kwargs["num_cpu_blocks"] = config.num_cpu_blocks
+        worker_kwargs.update(config.extra_worker)
+        self.runner = ModelRunner(WorkerConfig(**worker_kwargs), worker_id="local")
+        self.worker_info = self.runner.info
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                enable_prefix_caching=config.enable_prefix_caching,
+                policy=config.policy,
+                preemption_mode=config.preemption_mode,
+                max_model_len=config.max_model_len,
+            ),
+            self.worker_info,
+        )
+        self.max_model_len = self.worker_info.max_model_len
+        self._requests: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int], chat: bool = False) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = prompt
+            text = None
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            text = prompt
+            ids = self.tokenizer.encode(prompt)
+        else:
+            raise ValueError("prompt: must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        return text, ids
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | dict | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Validate and enqueue one request. Raises ValueError (or pydantic's ValidationError,
+        which names the field) before touching any state, so nothing in flight is disturbed."""
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams(**params)
+        text, ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens do not fit the model's context of {self.max_model_len} tokens"
+            )
+        if ids and max(ids) >= self.worker_info.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt: token ids must be in [0, {self.worker_info.vocab_size})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        now = time.time()
+        self.scheduler.add_request(
+            GenerationRequest(
+                request_id=request_id, prompt_token_ids=ids, sampling=params, priority=priority, arrival_time=now
+            )
+        )
+        n_out = params.n
+        detoks = []
+        if self.tokenizer is not None:
+            detoks = [
+                IncrementalDetokenizer(self.tokenizer, ids, list(params.stop), params.skip_special_tokens)
+                for _ in range(n_out)
+            ]
+        out = RequestOutput(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            outputs=[CompletionOutput(index=i) for i in range(n_out)],
+            arrival_time=now,
+        )
+        self._requests[request_id] = _RequestState(out, params, detoks)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self._requests:
+            self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or self.scheduler.has_unfinished_requests()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, execute, apply. Returns the requests that changed."""
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        deltas = self.scheduler.update(result)
+        changed = []
+        for delta in deltas:
+            state = self._requests.get(delta.request_id)
+            if state is None:
+                continue
+            self._apply_delta(state, delta)
+            changed.append(state.output)
+            if state.output.finished:
+                del self._requests[delta.request_id]
+        return changed
+
+    def _apply_delta(self, state: _RequestState, delta: RequestOutputDelta) -> None:
+        out = state.output
+        now = time.time()
+        if delta.prompt_logprobs is not None:
+            out.prompt_logprobs = (out.prompt_logprobs or []) + list(delta.prompt_logprobs)
+        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
+        for sd in delta.outputs:
+            comp = out.outputs[sd.index]
+            if comp.finished:
+                continue  # ended by a stop string; the scheduler may still send a token or two
+            if sd.token_ids and out.first_token_time is None:
+                out.first_token_time = now
+            new_ids = list(sd.token_ids)
+            if state.detoks:
+                detok = state.detoks[sd.index]
+                before = len(detok.output_token_ids)
+                td = detok.add_tokens(new_ids, finished=sd.finish_reason is not None)
+                new_ids = detok.output_token_ids[before:]
+                comp.text += td.text
+                if td.stop_string is not None:
+                    comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, td.stop_string
+            kept = len(new_ids)
+            comp.token_ids.extend(new_ids)
+            if sd.logprobs is not None:
+                comp.logprobs = (comp.logprobs or []) + list(sd.logprobs[:kept])
+            if sd.top_logprobs is not None:
+                comp.top_logprobs = (comp.top_logprobs or []) + list(sd.top_logprobs[:kept])
+            if sd.finish_reason is not None and not comp.finished:
+                comp.finish_reason = sd.finish_reason.value
+                comp.stop_reason = sd.stop_reason
+        if delta.error:
+            out.error = delta.error
+        if delta.finished or all(c.finished for c in out.outputs):
+            if not delta.finished and not state.aborted_by_stop:
+                # Every completion ended on a stop string: free the blocks now.
+                state.aborted_by_stop = True
+                self.scheduler.abort_request(out.request_id)
+            out.finished = True
+            out.finished_time = now
+
+    def run_to_completion(self) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return list(done.values())
