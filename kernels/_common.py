@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import triton
 
 try:  # the interpreter is part of every Triton wheel; guard anyway.
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -21,23 +19,84 @@ LOG2E = 1.4426950408889634
 _interpreted: dict[int, object] = {}
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Compatibility shim for Triton's CPU interpreter under NumPy >= 2.4.
+
+    The interpreter keeps scalars as 1-element arrays and converts them for `range(start, end, step)`
+    with `int(array)`, which NumPy 2.4 rejects for arrays of one dimension ("only 0-dimensional arrays can
+    be converted to Python scalars"). We re-register `__index__` so it takes the single element. Only the
+    interpreter's temporary patching of `tl.tensor` is touched; compiled (CUDA) kernels are unaffected.
+    """
+    try:
+        from triton.runtime import interpreter as interp
+    except Exception:  # pragma: no cover
+        return
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_pagedfleet_index_fix", False):
+        return
+
+    def _index(self):
+        data = self.handle.data
+        return int(data.reshape(-1)[0]) if getattr(data, "size", 1) == 1 else int(data)
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", _index)
+
+    patched._pagedfleet_index_fix = True
+    interp._patch_lang_tensor = patched
+
+
+_fix_interpreter_scalar_index()
+
+
 def kernel_for(kernel, device: torch.device):
     """The launchable form of `kernel` for tensors on `device`.
 
-    On CUDA this is the JIT function itself. On the CPU it is Triton's interpreter: when the module was
-    imported with TRITON_INTERPRET=1 the decorator already returned an interpreted function; otherwise
-    (another module imported triton-jitted code first) we wrap the Python source in one here, so CPU tensors
-    work whatever the import order was.
+    On CUDA this is the JIT function itself. On the CPU it is Triton's interpreter: when Triton was imported
+    with TRITON_INTERPRET=1 the decorator already returned an interpreted function; otherwise (Triton was
+    imported before the variable was set) we interpret the kernel's Python source here, so CPU tensors work
+    whatever the import order was.
     """
     if device.type != "cpu":
         return kernel
     if _InterpretedFunction is None or isinstance(kernel, _InterpretedFunction):
         return kernel
-    fn = _interpreted.get(id(kernel))
+    return _CpuLauncher(_interpreted_form(kernel))
+
+
+def _interpreted_form(jit_fn):
+    fn = _interpreted.get(id(jit_fn))
     if fn is None:
-        fn = _InterpretedFunction(kernel.fn)
-        _interpreted[id(kernel)] = fn
+        fn = _InterpretedFunction(jit_fn.fn)
+        _interpreted[id(jit_fn)] = fn
     return fn
+
+
+class _CpuLauncher:
+    """`kernel[grid](...)` through the interpreter for a kernel compiled in JIT mode. Triton's own jitted
+    helpers (tl.cdiv, tl.sum, ...) are then JIT functions too; while the kernel runs their calls are routed
+    to interpreted copies."""
+
+    def __init__(self, interp_fn):
+        self.fn = interp_fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.jit import JITFunction
+
+            orig = JITFunction.__call__
+
+            def call(jit_self, *a, **kw):
+                return _interpreted_form(jit_self)(*a, **kw)
+
+            JITFunction.__call__ = call
+            try:
+                return self.fn[grid](*args, **kwargs)
+            finally:
+                JITFunction.__call__ = orig
+
+        return launch
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,24 +152,3 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def log2e() -> float:
-    return LOG2E
-
-
-__all__ = [
-    "FP8_DTYPES",
-    "FP8_E4M3_MAX",
-    "LOG2E",
-    "as_float",
-    "cdiv",
-    "check_cache",
-    "dot_precision",
-    "is_fp8",
-    "kernel_for",
-    "math",
-    "next_pow2",
-    "num_sms",
-    "triton",
-]

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.messages import PROTOCOL_VERSION, GenerationRequest, WorkerInfo
+from protocol.sampling import SamplingParams
 
 PREFIX = os.environ.get("PAGEDFLEET_REDIS_PREFIX", "pf:")
 
@@ -148,6 +149,9 @@ class JobMeta(_Msg):
     body: dict[str, Any] = Field(description="the completion or chat request body as accepted")
     request_id: str
     prompt_token_ids: list[int]
+    sampling: SamplingParams
+    include_stop_str_in_output: bool = False
+    want_logprobs: bool = False
     created_at: float
     ttl_s: int
 

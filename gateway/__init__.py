@@ -1,0 +1,1 @@
+"""PagedFleet gateway: FastAPI, OpenAI-compatible API, job API (see gateway.app:create_app)."""

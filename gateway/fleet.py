@@ -1,0 +1,173 @@
+"""The gateway's side of the Redis transport: submit / abort requests, read output deltas, see workers.
+
+One `FleetClient` per gateway process, created in the app's lifespan and handed to routes through a
+FastAPI dependency. It keeps no request state: everything lives in Redis, so replicas are equivalent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from protocol import GenerationRequest, RequestOutputDelta
+from protocol import streams as S
+
+log = logging.getLogger("pagedfleet.gateway")
+
+
+class FleetError(Exception):
+    """A request could not be served (the message is shown to the client)."""
+
+    def __init__(self, message: str, status_code: int = 500):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    aliases: set[str]
+    model_dir: Path | None
+    tokenizer: object | None
+    default_max_model_len: int
+    vocab_size: int | None
+
+
+class FleetClient:
+    def __init__(self, redis: aioredis.Redis, model: ModelInfo, settings):
+        self.redis = redis
+        self.model = model
+        self.settings = settings
+        self._workers_cache: tuple[float, list[S.WorkerRegistration]] | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # ---- workers --------------------------------------------------------------------------------
+    async def live_workers(self, fresh: bool = False) -> list[S.WorkerRegistration]:
+        now = time.monotonic()
+        if not fresh and self._workers_cache and now - self._workers_cache[0] < self.settings.worker_cache_s:
+            return self._workers_cache[1]
+        raw = await self.redis.hgetall(S.WORKERS)
+        regs: list[S.WorkerRegistration] = []
+        for v in raw.values():
+            try:
+                regs.append(S.WorkerRegistration.model_validate_json(v))
+            except Exception:  # a foreign or stale entry: not a live worker
+                continue
+        if regs:
+            async with self.redis.pipeline(transaction=False) as p:
+                for reg in regs:
+                    p.get(S.heartbeat_key(reg.info.worker_id))
+                beats = await p.execute()
+            regs = [r for r, b in zip(regs, beats) if b == r.incarnation]
+        self._workers_cache = (now, regs)
+        return regs
+
+    async def max_model_len(self) -> int:
+        regs = [r for r in await self.live_workers() if self.serves(r.info.model)]
+        if regs:
+            return min(r.info.max_model_len for r in regs)
+        return self.model.default_max_model_len
+
+    async def vocab_size(self) -> int | None:
+        regs = [r for r in await self.live_workers() if self.serves(r.info.model)]
+        if regs:
+            return min(r.info.vocab_size for r in regs)
+        return self.model.vocab_size
+
+    def serves(self, name: str | None) -> bool:
+        return name is None or name in self.model.aliases
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def submit(self, req: GenerationRequest, job_id: str | None = None) -> None:
+        cmd = S.RequestCommand(op="add", request_id=req.request_id, request=req, job_id=job_id)
+        await self.redis.xadd(S.REQUESTS, S.encode(cmd), maxlen=S.REQUESTS_MAXLEN, approximate=True)
+
+    async def abort(self, request_id: str, reason: str = "aborted") -> None:
+        cmd = S.RequestCommand(op="abort", request_id=request_id, reason=reason)
+        await self.redis.xadd(S.REQUESTS, S.encode(cmd), maxlen=S.REQUESTS_MAXLEN, approximate=True)
+
+    def abort_soon(self, request_id: str, reason: str) -> None:
+        """Abort from a context that is being cancelled (a disconnected client): a task of its own."""
+        task = asyncio.get_running_loop().create_task(self._safe_abort(request_id, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _safe_abort(self, request_id: str, reason: str) -> None:
+        try:
+            await self.abort(request_id, reason)
+        except Exception as e:  # pragma: no cover - Redis gone: the request finishes on its own
+            log.warning("could not abort %s: %s", request_id, e)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def deltas(self, request_id: str, block: bool = True) -> AsyncIterator[RequestOutputDelta]:
+        """The request's output deltas from the start of its stream until the finished one.
+
+        With block=False, only what is already there (for assembling a finished job's result).
+        """
+        key = S.output_stream(request_id)
+        last = "0-0"
+        idle_since = time.monotonic()
+        while True:
+            if block:
+                resp = await self.redis.xread({key: last}, count=256, block=1000)
+            else:
+                resp = await self.redis.xread({key: last}, count=1024)
+            if not resp:
+                if not block:
+                    return
+                if time.monotonic() - idle_since > self.settings.request_timeout_s:
+                    raise FleetError(
+                        f"request {request_id}: no output for {self.settings.request_timeout_s:.0f} s", 504
+                    )
+                continue
+            idle_since = time.monotonic()
+            for _key, entries in resp:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    delta = S.decode(fields, RequestOutputDelta)
+                    yield delta
+                    if delta.finished:
+                        return
+
+    # ---- jobs -----------------------------------------------------------------------------------
+    async def create_job(self, meta: S.JobMeta) -> None:
+        key = S.job_key(meta.job_id)
+        now = repr(time.time())
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(key, mapping={"meta": meta.model_dump_json(), "status": S.JobStatus.QUEUED.value,
+                                 "updated_at": now})
+            # a backstop: housekeeping deletes finished jobs after their TTL; this catches leaks
+            p.expire(key, meta.ttl_s * 2 + 3600)
+            await p.execute()
+
+    async def get_job(self, job_id: str) -> dict | None:
+        raw = await self.redis.hgetall(S.job_key(job_id))
+        return raw or None
+
+    async def set_job_status(self, job_id: str, status: S.JobStatus, error: str | None = None) -> bool:
+        return bool(await S.set_job_status(self.redis, job_id, status, error))
+
+    async def store_job_result(self, job_id: str, result: dict, ttl_s: int) -> None:
+        key = S.job_key(job_id)
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(key, "result", json.dumps(result))
+            p.expire(key, ttl_s * 2 + 3600)
+            p.expire(S.output_stream(job_id), ttl_s * 2 + 3600)
+            await p.execute()
+
+    async def aclose(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        await self.redis.aclose()

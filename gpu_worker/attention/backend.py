@@ -1,0 +1,55 @@
+"""The attention backend interface and its registry.
+
+A backend writes the new tokens' K/V into the paged cache (``write_kv``) and computes attention of the
+new queries over each sequence's whole context read through the block table (``forward``). Caches are
+``[num_blocks, block_size, num_kv_heads, head_dim]`` views of the runner's one kv_cache tensor (any
+stride along the block axis). FP8 caches (``torch.float8_e4m3fn``) store ``value / scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend:
+    name = "base"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Called once per step before the forward pass: build per-step index tensors (optional)."""
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """key/value [num_tokens, kv_heads, head_dim] -> the slots of meta.slot_mapping (-1 skipped)."""
+        raise NotImplementedError
+
+    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """query [num_tokens, q_heads, head_dim] -> [num_tokens, q_heads, head_dim]."""
+        raise NotImplementedError
+
+
+def _triton_importable() -> bool:
+    try:
+        import gpu_worker.attention.triton_backend  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> AttentionBackend:
+    dev = torch.device(device)
+    if name == "auto":
+        name = "triton" if dev.type == "cuda" and _triton_importable() else "torch"
+    if name == "torch":
+        from gpu_worker.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        if dev.type != "cuda":
+            raise ValueError("attention_backend: 'triton' needs device 'cuda'")
+        from gpu_worker.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend: unknown backend {name!r} (auto, torch, triton)")

@@ -1,0 +1,63 @@
+"""Rotary position embedding (neox / HF "rotate_half" layout) with the Llama rope scalings.
+
+The cos/sin cache is computed once in float32 exactly as HF does (inv_freq in float32, positions as
+float32) and indexed by each token's position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def compute_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """inverse frequencies [head_dim // 2] (float32) and the position scale (linear scaling)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) if scaling else "default"
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        inv = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv / factor + smooth * inv
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, inv), 1.0
+    raise NotImplementedError(f"rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None = None,
+                 *, device=None, dtype=torch.float32):
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq, _ = compute_inv_freq(head_dim, base, scaling)
+        t = torch.arange(max_positions, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)  # [max_pos, head_dim // 2], float32 like HF
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated copies."""
+        cs = self.cos_sin_cache.index_select(0, positions)
+        half = self.head_dim // 2
+        cos = cs[:, None, :half]
+        sin = cs[:, None, half:]
+        return _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    x1 = x[..., :half]
+    x2 = x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

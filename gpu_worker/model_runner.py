@@ -1,0 +1,437 @@
+"""ModelRunner: the worker side of the StepPlan / StepResult contract (protocol/messages.py).
+
+It owns the model, the paged KV cache (ONE tensor ``[num_layers, 2, num_blocks, block_size, kv_heads,
+head_dim]``, plus a CPU swap tensor of the same layout) and, per live sequence, its token ids, block
+table, computed count, sampling params and seed. ``execute(plan)`` applies a plan in the documented
+order and runs every scheduled sequence's new tokens (prefill chunks and decodes alike) in ONE
+forward pass over a flat token batch. Errors raise; the service layer decides what to do with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_worker.attention import AttentionMetadata, get_backend
+from gpu_worker.config import WorkerConfig
+from gpu_worker.loader import init_random_weights, load_weights
+from gpu_worker.models.llama import LlamaArgs, LlamaForCausalLM
+from gpu_worker.sampler import Sampler, SampleRequest, prompt_logprobs
+from protocol import SamplingParams, SequenceOutput, StepPlan, StepResult, TokenLogprob, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SeqState:
+    seq_id: int
+    request_id: str
+    seq_index: int
+    prompt_len: int
+    token_ids: list[int]
+    block_table: list[int]
+    num_computed: int
+    sampling: SamplingParams
+    seed: int
+    # prompt logprob entry of the token right after the last computed chunk (computed from its last row)
+    pending_prompt_lp: list[TokenLogprob] | None = None
+
+    def clone(self, seq_id: int, seq_index: int) -> "SeqState":
+        return replace(self, seq_id=seq_id, seq_index=seq_index, token_ids=list(self.token_ids),
+                       block_table=list(self.block_table))
+
+
+def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed KV cache. On CPU through calloc (numpy): pages are zero-filled lazily by the OS, so a
+    2 GiB cache costs nothing until used. Zeros matter: masked keys must hold finite values."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(max(nbytes, 1), dtype=np.uint8))[:nbytes].view(dtype).view(shape)
+
+
+def _tl(pairs) -> list[TokenLogprob]:
+    return [TokenLogprob.model_construct(token_id=int(t), logprob=float(v)) for t, v in pairs]
+
+
+class ModelRunner:
+    def __init__(self, config: WorkerConfig, worker_id: str = "worker-0"):
+        from pagedfleet.model_files import resolve_model
+
+        self.config = config
+        self.worker_id = worker_id
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if config.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = _DTYPES[config.dtype]
+        self.files = resolve_model(config.model)
+        self.args = LlamaArgs.from_config(self.files.config)
+        self.max_model_len = int(config.max_model_len or self.args.max_position_embeddings)
+        self.block_size = config.block_size
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model = LlamaForCausalLM(self.args, max_positions=self.max_model_len, device=self.device,
+                                          dtype=self.dtype)
+            if self.files.is_random:
+                init_random_weights(self.model, seed=config.seed)
+            else:
+                load_weights(self.model, self.files.path)
+        self.model.eval()
+        log.info("loaded %s in %.1fs", self.files.name, time.perf_counter() - t0)
+
+        self.backend = get_backend(config.attention_backend, self.device)
+        fp8 = config.kv_cache_dtype in ("fp8", "fp8_e4m3")
+        self.kv_dtype = torch.float8_e4m3fn if fp8 else self.dtype
+        if fp8:
+            n = self.args.num_layers
+            self.model.set_kv_scales([config.kv_scale] * n, [config.kv_scale] * n)
+        a = self.args
+        self.kv_block_bytes = (a.num_layers * 2 * self.block_size * a.num_kv_heads * a.head_dim
+                               * torch.empty(0, dtype=self.kv_dtype).element_size())
+        self.num_gpu_blocks = config.num_gpu_blocks or self._auto_num_blocks()
+        if config.num_cpu_blocks is not None:
+            self.num_cpu_blocks = config.num_cpu_blocks
+        else:
+            gib = config.swap_space_gib
+            if gib is None:
+                gib = 4.0 if self.device.type == "cuda" else 0.5
+            self.num_cpu_blocks = int(gib * (1 << 30) // self.kv_block_bytes)
+        shape = (a.num_layers, 2, self.num_gpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_cache = _zeros(shape, self.kv_dtype, self.device)
+        cpu_shape = (a.num_layers, 2, self.num_cpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # empty, not zeros: only blocks swapped out are ever swapped in (and zeroing pages is slow)
+        self.cpu_cache = torch.empty(cpu_shape, dtype=self.kv_dtype, device="cpu",
+                                     pin_memory=self.device.type == "cuda")
+        self.sampler = Sampler(a.vocab_size, self.files.eos_token_ids)
+        self.seqs: dict[int, SeqState] = {}
+        self._copy_blocks_kernel = None
+        if self.device.type == "cuda":
+            try:
+                from kernels import copy_blocks as _cb  # type: ignore
+
+                self._copy_blocks_kernel = _cb
+            except Exception:
+                self._copy_blocks_kernel = None
+
+    # ---- info --------------------------------------------------------------------------------
+    @property
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            model=self.files.name,
+            device=str(self.device),
+            block_size=self.block_size,
+            num_gpu_blocks=self.num_gpu_blocks,
+            num_cpu_blocks=self.num_cpu_blocks,
+            max_model_len=self.max_model_len,
+            vocab_size=self.args.vocab_size,
+            eos_token_ids=self.files.eos_token_ids,
+            kv_block_bytes=self.kv_block_bytes,
+            kv_cache_dtype="fp8" if self.kv_dtype == torch.float8_e4m3fn else "auto",
+        )
+
+    # ---- memory ------------------------------------------------------------------------------
+    def _auto_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            n = int(self.config.cpu_kv_cache_gib * (1 << 30) // self.kv_block_bytes)
+            # no more than 256 sequences of max_model_len tokens could use
+            n = min(n, 256 * -(-self.max_model_len // self.block_size))
+            return max(n, 1)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - non_torch - peak
+        n = int(budget // self.kv_block_bytes)
+        if n <= 0:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB): raise "
+                               "gpu_memory_utilization or use a smaller model")
+        log.info("KV cache: %d blocks (%.2f GiB)", n, n * self.kv_block_bytes / 2**30)
+        return n
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        a = self.args
+        T = max(1, min(self.config.max_num_batched_tokens, self.max_model_len))
+        nb = -(-T // self.block_size)
+        kv = torch.zeros((a.num_layers, 2, nb, self.block_size, a.num_kv_heads, a.head_dim),
+                         dtype=self.kv_dtype, device=self.device)
+        meta = AttentionMetadata.build([T], [T], [list(range(nb))], self.block_size, self.device)
+        self.backend.prepare(meta)
+        ids = torch.zeros(T, dtype=torch.long, device=self.device)
+        pos = torch.arange(T, device=self.device)
+        h = self.model(ids, pos, kv, meta, self.backend)
+        self.model.compute_logits(h[-min(T, 256):]).softmax(-1)
+        del kv, h
+
+    # ---- the step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        seqs = self.seqs
+        for sid in plan.freed_seq_ids:
+            seqs.pop(sid, None)
+        if plan.swap_out:
+            self.swap_out(plan.swap_out)
+        if plan.swap_in:
+            self.swap_in(plan.swap_in)
+        if plan.block_copies:
+            self.copy_blocks(plan.block_copies)
+        for ns in plan.new_sequences:
+            if ns.seq_id in seqs:
+                raise ValueError(f"new sequence {ns.seq_id} already exists on worker {self.worker_id}")
+            if ns.num_computed_tokens > len(ns.token_ids):
+                raise ValueError(f"sequence {ns.seq_id}: num_computed_tokens > len(token_ids)")
+            seqs[ns.seq_id] = SeqState(
+                seq_id=ns.seq_id, request_id=ns.request_id, seq_index=ns.seq_index, prompt_len=ns.prompt_len,
+                token_ids=list(ns.token_ids), block_table=list(ns.block_table),
+                num_computed=ns.num_computed_tokens, sampling=ns.sampling, seed=ns.seed)
+        for f in plan.forks:
+            self._fork(f.parent_seq_id, f.child_seq_id, f.seq_index)
+
+        outputs: list[SequenceOutput] = []
+        if plan.scheduled:
+            outputs = self._run(plan)
+        return StepResult.model_construct(
+            version=plan.version, worker_id=self.worker_id, step_id=plan.step_id, outputs=outputs,
+            execute_ms=(time.perf_counter() - t0) * 1e3, error=None)
+
+    def _fork(self, parent: int, child: int, seq_index: int) -> SeqState:
+        if parent not in self.seqs:
+            raise ValueError(f"fork: unknown parent sequence {parent}")
+        if child in self.seqs:
+            raise ValueError(f"fork: child sequence {child} already exists")
+        st = self.seqs[parent].clone(child, seq_index)
+        self.seqs[child] = st
+        return st
+
+    def _run(self, plan: StepPlan) -> list[SequenceOutput]:
+        seqs, bs = self.seqs, self.block_size
+        entries = plan.scheduled
+        S = len(entries)
+        states: list[SeqState] = []
+        starts = np.empty(S, dtype=np.int64)
+        qlens = np.empty(S, dtype=np.int64)
+        flat_tokens: list[int] = []
+        max_blocks = 1
+        for i, e in enumerate(entries):
+            s = seqs.get(e.seq_id)
+            if s is None:
+                raise ValueError(f"scheduled sequence {e.seq_id} is unknown to worker {self.worker_id}")
+            if e.reset_block_table is not None:
+                s.block_table = list(e.reset_block_table)
+            bt = s.block_table
+            for idx, blk in e.block_updates:
+                if idx == len(bt):
+                    bt.append(blk)
+                elif 0 <= idx < len(bt):
+                    bt[idx] = blk
+                else:
+                    raise ValueError(f"sequence {e.seq_id}: block update at index {idx} but the table has {len(bt)}")
+            if e.append_token_ids:
+                s.token_ids.extend(e.append_token_ids)
+            n, c = e.num_tokens, s.num_computed
+            end = c + n
+            if n <= 0:
+                raise ValueError(f"sequence {e.seq_id}: num_tokens must be positive")
+            if end > len(s.token_ids):
+                raise ValueError(f"sequence {e.seq_id}: asked to compute up to token {end} but it has "
+                                 f"{len(s.token_ids)} tokens")
+            if end > len(bt) * bs:
+                raise ValueError(f"sequence {e.seq_id}: {end} tokens need {-(-end // bs)} blocks, "
+                                 f"the block table has {len(bt)}")
+            if end > self.max_model_len:
+                raise ValueError(f"sequence {e.seq_id}: {end} tokens exceed max_model_len {self.max_model_len}")
+            if e.sample and end != len(s.token_ids):
+                raise ValueError(f"sequence {e.seq_id}: sample=True but {len(s.token_ids) - end} of its tokens "
+                                 "are not computed yet")
+            states.append(s)
+            starts[i] = c
+            qlens[i] = n
+            flat_tokens.extend(s.token_ids[c:end] if n > 1 else (s.token_ids[c],))
+            if len(bt) > max_blocks:
+                max_blocks = len(bt)
+
+        # ---- step tensors (host) ----
+        seq_lens = starts + qlens
+        qsl = np.zeros(S + 1, dtype=np.int64)
+        np.cumsum(qlens, out=qsl[1:])
+        T = int(qsl[-1])
+        bt_np = np.zeros((S, max_blocks), dtype=np.int64)
+        for i, s in enumerate(states):
+            bt_np[i, : len(s.block_table)] = s.block_table
+        if T == S:  # decode only
+            positions = starts
+            slots = bt_np[np.arange(S), positions // bs] * bs + positions % bs
+        else:
+            seq_of_tok = np.repeat(np.arange(S), qlens)
+            positions = np.arange(T) - np.repeat(qsl[:-1] - starts, qlens)
+            slots = bt_np[seq_of_tok, positions // bs] * bs + positions % bs
+        if bt_np.size and (bt_np.max() >= self.num_gpu_blocks or bt_np.min() < 0):
+            raise ValueError(f"block table entry out of range [0, {self.num_gpu_blocks})")
+        ids_np = np.array(flat_tokens, dtype=np.int64)
+        if ids_np.max() >= self.args.vocab_size or ids_np.min() < 0:
+            raise ValueError(f"token id out of range [0, {self.args.vocab_size})")
+
+        dev = self.device
+        meta = AttentionMetadata.from_numpy(slots, bt_np, seq_lens, qlens, qsl, bs, dev)
+        input_ids = torch.from_numpy(ids_np).to(dev, non_blocking=True)
+        pos_t = torch.from_numpy(np.ascontiguousarray(positions)).to(dev, non_blocking=True)
+        self.backend.prepare(meta)
+        hidden = self.model(input_ids, pos_t, self.kv_cache, meta, self.backend)
+        for s, n in zip(states, qlens.tolist()):
+            s.num_computed += n
+
+        # ---- rows of the logits we need: sampled rows, then prompt-logprob rows ----
+        sample_entries = [i for i, e in enumerate(entries) if e.sample]
+        rows = [int(qsl[i + 1]) - 1 for i in sample_entries]
+        plp: list[tuple[int, int, int, int]] = []  # (entry, first row in `rows`, count, first target pos)
+        for i, s in enumerate(states):
+            k = s.sampling.prompt_logprobs
+            if k is None:
+                continue
+            c = int(starts[i])
+            if c >= s.prompt_len:
+                continue
+            hi = min(c + int(qlens[i]), s.prompt_len - 1)  # positions p in [c, hi) predict prompt token p + 1
+            if hi > c:
+                plp.append((i, len(rows), hi - c, c + 1))
+                base = int(qsl[i]) - c
+                rows.extend(range(base + c, base + hi))
+        out_by_entry: dict[int, Any] = {}
+        logits = None
+        if rows:
+            logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=dev)))
+        plp_entries = [i for i, s in enumerate(states)
+                       if s.sampling.prompt_logprobs is not None and int(starts[i]) < s.prompt_len]
+        if plp_entries:
+            self._prompt_logprobs(logits, plp, plp_entries, states, starts, qlens, out_by_entry)
+        if sample_entries:
+            self._sample(logits[: len(sample_entries)], sample_entries, entries, states, out_by_entry)
+        res: list[SequenceOutput] = []
+        for i in sorted(out_by_entry):
+            o = out_by_entry[i]
+            if isinstance(o, list):
+                res.extend(o)
+            else:
+                res.append(o)
+        return res
+
+    def _prompt_logprobs(self, logits, plp, plp_entries, states, starts, qlens, out_by_entry) -> None:
+        computed: dict[int, list[list[TokenLogprob]]] = {}
+        for (i, r0, cnt, t0) in plp:
+            s = states[i]
+            tgt = torch.tensor(s.token_ids[t0: t0 + cnt], device=logits.device)
+            computed[i] = [_tl(e) for e in prompt_logprobs(logits[r0: r0 + cnt], tgt, s.sampling.prompt_logprobs)]
+        for i in plp_entries:
+            s = states[i]
+            c, n = int(starts[i]), int(qlens[i])
+            end = min(c + n, s.prompt_len)
+            got = computed.get(i, [])
+            # one entry per prompt token j in [c, end): token c's entry was computed from the previous
+            # chunk's last row (pending; None for the first prompt token), the others from this chunk;
+            # this chunk's last row gives the pending entry of the next chunk's first token.
+            first = None if c == 0 else s.pending_prompt_lp
+            s.pending_prompt_lp = got[end - c - 1] if len(got) > end - c - 1 else None
+            out_by_entry[i] = SequenceOutput.model_construct(
+                seq_id=s.seq_id, token_id=None, logprob=None, top_logprobs=None,
+                prompt_logprobs=[first] + got[: end - c - 1])
+
+    def _sample(self, logits, sample_entries, entries, states, out_by_entry) -> None:
+        reqs: list[SampleRequest] = []
+        row_of: list[int] = []
+        owners: list[tuple[int, SeqState]] = []  # (entry index, state that receives the token)
+        need_tokens = False
+        for r, i in enumerate(sample_entries):
+            s = states[i]
+            e = entries[i]
+            p = s.sampling
+            pen = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            need_tokens |= pen
+            opos = len(s.token_ids) - s.prompt_len
+            reqs.append(SampleRequest(p, s.seed, s.seq_index, opos, s.token_ids if pen else (), s.prompt_len))
+            row_of.append(r)
+            owners.append((i, s))
+            for fc in e.fork_children:
+                if fc.parent_seq_id != s.seq_id:
+                    raise ValueError(f"fork child {fc.child_seq_id} names parent {fc.parent_seq_id}, "
+                                     f"scheduled under {s.seq_id}")
+                child = self._fork(s.seq_id, fc.child_seq_id, fc.seq_index)
+                reqs.append(SampleRequest(p, child.seed, child.seq_index, opos, child.token_ids if pen else (),
+                                          child.prompt_len))
+                row_of.append(r)
+                owners.append((i, child))
+        if len(row_of) != logits.shape[0]:
+            logits = logits.index_select(0, torch.tensor(row_of, device=logits.device))
+        out = self.sampler.sample(logits, reqs)
+        for j, (i, s) in enumerate(owners):
+            tok = out.token_ids[j]
+            if not s.sampling.use_beam_search:
+                s.token_ids.append(tok)
+            top = out.top_logprobs[j]
+            so = SequenceOutput.model_construct(
+                seq_id=s.seq_id, token_id=tok, logprob=out.logprobs[j],
+                top_logprobs=None if top is None else _tl(top), prompt_logprobs=None)
+            prev = out_by_entry.get(i)
+            if s is states[i] and isinstance(prev, SequenceOutput):
+                prev.token_id, prev.logprob, prev.top_logprobs = so.token_id, so.logprob, so.top_logprobs
+            elif prev is None:
+                out_by_entry[i] = so
+            elif isinstance(prev, list):
+                prev.append(so)
+            else:
+                out_by_entry[i] = [prev, so]
+
+    # ---- block movement ----------------------------------------------------------------------
+    def _pairs(self, pairs, src_n: int, dst_n: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if arr.size and (arr[:, 0].min() < 0 or arr[:, 0].max() >= src_n or arr[:, 1].min() < 0
+                         or arr[:, 1].max() >= dst_n):
+            raise ValueError(f"{what}: block id out of range")
+        return torch.from_numpy(arr[:, 0].copy()), torch.from_numpy(arr[:, 1].copy())
+
+    def swap_out(self, pairs) -> None:
+        src, dst = self._pairs(pairs, self.num_gpu_blocks, self.num_cpu_blocks, "swap_out")
+        self.cpu_cache[:, :, dst] = self.kv_cache[:, :, src.to(self.device)].to("cpu")
+
+    def swap_in(self, pairs) -> None:
+        src, dst = self._pairs(pairs, self.num_cpu_blocks, self.num_gpu_blocks, "swap_in")
+        data = self.cpu_cache[:, :, src]
+        if self.device.type == "cuda":
+            data = data.pin_memory().to(self.device, non_blocking=True)
+        self.kv_cache[:, :, dst.to(self.device)] = data
+
+    def copy_blocks(self, pairs) -> None:
+        src, dst = self._pairs(pairs, self.num_gpu_blocks, self.num_gpu_blocks, "block_copies")
+        if self._copy_blocks_kernel is not None:
+            self._copy_blocks_kernel(self.kv_cache, torch.stack([src, dst], 1).to(self.device))
+            return
+        src, dst = src.to(self.device), dst.to(self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    # ---- helpers for tests and tools ---------------------------------------------------------
+    def seq_state(self, seq_id: int) -> SeqState:
+        return self.seqs[seq_id]
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_seqs": len(self.seqs), "num_gpu_blocks": self.num_gpu_blocks,
+                "num_cpu_blocks": self.num_cpu_blocks, "kv_block_bytes": self.kv_block_bytes,
+                "kv_cache_bytes": self.kv_cache.numel() * self.kv_cache.element_size()}

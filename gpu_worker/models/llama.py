@@ -1,0 +1,166 @@
+"""The Llama family (Llama 2/3, SmolLM2, ...): RMSNorm, RoPE (incl. llama3 scaling), SwiGLU, GQA, tied
+embeddings. It runs a flat batch: every sequence's new tokens concatenated, with their positions; the
+attention layers write K/V into and read the context from the paged cache through the backend.
+
+Weights use Hugging Face names except two fusions (the loader concatenates): ``self_attn.qkv_proj``
+= [q_proj; k_proj; v_proj] and ``mlp.gate_up_proj`` = [gate_proj; up_proj].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpu_worker.attention.backend import AttentionBackend
+from gpu_worker.attention.metadata import AttentionMetadata
+from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul
+
+
+@dataclass
+class LlamaArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "LlamaArgs":
+        if cfg.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"model: architecture {cfg.get('model_type')!r} is not supported (llama family)")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError("model: attention/mlp biases are not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"model: activation {cfg.get('hidden_act')!r} is not supported (silu)")
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, a: LlamaArgs, layer_idx: int, rotary: RotaryEmbedding, **kw):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_size = a.num_heads * a.head_dim
+        self.kv_size = a.num_kv_heads * a.head_dim
+        self.scale = a.head_dim ** -0.5
+        self.qkv_proj = Linear(a.hidden_size, self.q_size + 2 * self.kv_size, **kw)
+        self.o_proj = Linear(self.q_size, a.hidden_size, **kw)
+        self.rotary = rotary  # shared, not a submodule of each layer
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def forward(self, positions, x, kv_cache, meta, backend: AttentionBackend):
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache[self.layer_idx, 0], kv_cache[self.layer_idx, 1]
+        backend.write_kv(k, v, k_cache, v_cache, meta, self.k_scale, self.v_scale)
+        o = backend.forward(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, a: LlamaArgs, **kw):
+        super().__init__()
+        self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, **kw)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, **kw)
+        self.act = SiluAndMul()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArgs, layer_idx: int, rotary: RotaryEmbedding, **kw):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
+        self.self_attn = LlamaAttention(a, layer_idx, rotary, **kw)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
+        self.mlp = LlamaMLP(a, **kw)
+
+    def forward(self, positions, x, residual, kv_cache, meta, backend):
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, a: LlamaArgs, max_positions: int, **kw):
+        super().__init__()
+        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size, **kw)
+        rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling,
+                                 device=kw.get("device"), dtype=kw.get("dtype") or torch.float32)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, rotary, **kw) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
+
+    def forward(self, input_ids, positions, kv_cache, meta, backend):
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, kv_cache, meta, backend)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: LlamaArgs, max_positions: int | None = None, *, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        kw = dict(device=device, dtype=dtype)
+        self.model = LlamaModel(args, max_positions or args.max_position_embeddings, **kw)
+        if args.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, **kw)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
+        return self.model(input_ids, positions, kv_cache, meta, backend)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> float32 logits [n, vocab]."""
+        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+
+    def set_kv_scales(self, k_scales: list[float], v_scales: list[float]) -> None:
+        for layer, ks, vs in zip(self.model.layers, k_scales, v_scales):
+            layer.self_attn.k_scale = float(ks)
+            layer.self_attn.v_scale = float(vs)

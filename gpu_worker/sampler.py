@@ -1,0 +1,246 @@
+"""Token sampling for a batch of logits rows.
+
+Per row, in order (vLLM's semantics, HF's warpers):
+
+1. raw logprobs (``log_softmax`` of the unprocessed logits, vLLM's default) for rows that asked for
+   logprobs: the sampled token's logprob and the top-k;
+2. penalties: repetition (HF: over prompt + output tokens, ``l < 0 ? l * p : l / p``), then frequency
+   and presence (OpenAI: over output tokens, ``l -= f * count + p * (count > 0)``);
+3. ``min_tokens``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` masked while fewer outputs exist;
+4. greedy rows (temperature 0, beam search): one argmax over all of them;
+5. the other rows: temperature, top-k, top-p, min-p (HF's order and definitions), softmax, then an
+   inverse-CDF draw with ``u`` from a stable hash of (seed, seq_index, output position): the token a
+   sequence draws at position p does not depend on batching, preemption or the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from protocol.sampling import SamplingParams
+
+
+def counter_uniform(seed: int, seq_index: int, position: int) -> float:
+    """A uniform in [0, 1) from (seed, seq_index, position): the counter-based random stream."""
+    h = hashlib.blake2b(struct.pack("<QQQ", seed & (2**64 - 1), seq_index & (2**64 - 1), position & (2**64 - 1)),
+                        digest_size=8).digest()
+    return (int.from_bytes(h, "little") >> 11) * (1.0 / (1 << 53))
+
+
+@dataclass
+class SampleRequest:
+    params: SamplingParams
+    seed: int
+    seq_index: int
+    output_pos: int  # number of output tokens the sequence already has (the position being drawn)
+    token_ids: Sequence[int] = ()  # prompt + output tokens (only read when a penalty is set)
+    prompt_len: int = 0
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+
+
+def _needs_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int] = ()):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> SamplerOutput:
+        return self.sample(logits, reqs)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> SamplerOutput:
+        R, V = logits.shape
+        assert R == len(reqs)
+        dev = logits.device
+        logits = logits.float()
+        params = [r.params for r in reqs]
+
+        # 1. raw logprobs for the rows that want them
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None or p.use_beam_search]
+        raw_lp = None
+        if lp_rows:
+            idx = torch.tensor(lp_rows, device=dev) if len(lp_rows) < R else None
+            raw_lp = torch.log_softmax(logits if idx is None else logits.index_select(0, idx), dim=-1)
+
+        # 2.-3. penalties and min_tokens (on a copy: the raw rows stay for the logprobs)
+        logits = self.process_logits(logits, reqs)
+
+        tokens = torch.empty(R, dtype=torch.long, device=dev)
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.use_beam_search]
+        rand = [i for i, p in enumerate(params) if not (p.temperature == 0.0 or p.use_beam_search)]
+        if greedy:
+            if len(greedy) == R:
+                tokens = logits.argmax(dim=-1)
+            else:
+                gi = torch.tensor(greedy, device=dev)
+                tokens[gi] = logits.index_select(0, gi).argmax(dim=-1)
+        if rand:
+            ri = torch.tensor(rand, device=dev) if len(rand) < R else None
+            sub = logits if ri is None else logits.index_select(0, ri)
+            drawn = self._sample_random(sub, [reqs[i] for i in rand])
+            if ri is None:
+                tokens = drawn
+            else:
+                tokens[ri] = drawn
+
+        token_list = tokens.tolist()
+        out_lp: list[float | None] = [None] * R
+        out_top: list[list[tuple[int, float]] | None] = [None] * R
+        if raw_lp is not None:
+            sel = torch.tensor([token_list[i] for i in lp_rows], device=dev)
+            chosen = raw_lp.gather(1, sel[:, None])[:, 0].tolist()
+            kmax = max(params[i].num_logprobs_needed for i in lp_rows)
+            if kmax > 0:
+                tv, ti = raw_lp.topk(min(kmax, V), dim=-1)
+                tv, ti = tv.tolist(), ti.tolist()
+            for j, i in enumerate(lp_rows):
+                out_lp[i] = chosen[j]
+                k = params[i].num_logprobs_needed
+                out_top[i] = list(zip(ti[j][:k], tv[j][:k])) if k > 0 else []
+        return SamplerOutput(token_ids=token_list, logprobs=out_lp, top_logprobs=out_top)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        """Penalties and min_tokens masking; returns ``logits`` itself when nothing applies, else a copy."""
+        dev = logits.device
+        V = logits.shape[1]
+        params = [r.params for r in reqs]
+        pen_rows = [i for i, p in enumerate(params) if _needs_penalty(p)]
+        min_rows = [i for i, (r, p) in enumerate(zip(reqs, params)) if r.output_pos < p.min_tokens]
+        if not (pen_rows or min_rows):
+            return logits
+        logits = logits.clone()
+        if pen_rows:
+            self._apply_penalties(logits, [reqs[i] for i in pen_rows], pen_rows)
+        if min_rows:
+            rr, cc = [], []
+            for i in min_rows:
+                p = params[i]
+                stops = set(p.stop_token_ids)
+                if not p.ignore_eos:
+                    stops.update(self.eos_token_ids)
+                for t in stops:
+                    if 0 <= t < V:
+                        rr.append(i)
+                        cc.append(t)
+            if rr:
+                logits[torch.tensor(rr, device=dev), torch.tensor(cc, device=dev)] = float("-inf")
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest], rows: list[int]) -> None:
+        dev = logits.device
+        V = logits.shape[1]
+        n = len(rows)
+        all_toks, all_rows, out_toks, out_rows = [], [], [], []
+        for j, r in enumerate(reqs):
+            toks = np.asarray(r.token_ids, dtype=np.int64)
+            all_toks.append(toks)
+            all_rows.append(np.full(len(toks), j, dtype=np.int64))
+            out = toks[r.prompt_len:]
+            out_toks.append(out)
+            out_rows.append(np.full(len(out), j, dtype=np.int64))
+        ri = torch.tensor(rows, device=dev)
+        sub = logits.index_select(0, ri)
+        rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)[:, None]
+        if (rep != 1.0).any():
+            seen = torch.zeros(n, V, dtype=torch.bool, device=dev)
+            t = torch.from_numpy(np.concatenate(all_toks)).to(dev)
+            rr = torch.from_numpy(np.concatenate(all_rows)).to(dev)
+            keep = (t >= 0) & (t < V)
+            seen[rr[keep], t[keep]] = True
+            pen = torch.where(sub < 0, sub * rep, sub / rep)
+            sub = torch.where(seen, pen, sub)
+        freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)[:, None]
+        pres = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)[:, None]
+        if (freq != 0).any() or (pres != 0).any():
+            counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
+            t = torch.from_numpy(np.concatenate(out_toks)).to(dev)
+            rr = torch.from_numpy(np.concatenate(out_rows)).to(dev)
+            keep = (t >= 0) & (t < V)
+            counts.index_put_((rr[keep], t[keep]), torch.ones(int(keep.sum()), dtype=sub.dtype, device=dev),
+                              accumulate=True)
+            sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+        logits[ri] = sub
+
+    def _sample_random(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+        probs = self.warped_probs(logits, [r.params for r in reqs])
+        dev = logits.device
+        V = logits.shape[1]
+        u = torch.tensor([counter_uniform(r.seed, r.seq_index, r.output_pos) for r in reqs],
+                         device=dev, dtype=torch.float64)[:, None]
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+        x = u * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, x, right=True)[:, 0]
+        return tok.clamp_(max=V - 1)
+
+    @staticmethod
+    def warped_probs(logits: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p (HF's order and definitions) -> probabilities [R, V].
+        Rows must have temperature > 0."""
+        dev = logits.device
+        R, V = logits.shape
+        temp = torch.tensor([p.temperature for p in ps], device=dev, dtype=logits.dtype)[:, None]
+        logits = logits / temp
+        ks = [p.top_k if 0 < p.top_k < V else 0 for p in ps]
+        tps = [p.top_p for p in ps]
+        cut = [i for i in range(R) if ks[i] > 0 or tps[i] < 1.0]
+        if cut:
+            ci = torch.tensor(cut, device=dev)
+            sub = logits.index_select(0, ci)
+            sv, si = sub.sort(dim=-1, descending=True)
+            remove_sorted = torch.zeros_like(sv, dtype=torch.bool)
+            k = torch.tensor([ks[i] for i in cut], device=dev)
+            if (k > 0).any():
+                kth = sv.gather(1, (k.clamp_min(1) - 1)[:, None])
+                rm_k = (sv < kth) & (k[:, None] > 0)
+                sv = sv.masked_fill(rm_k, float("-inf"))
+                remove_sorted |= rm_k
+            tp = torch.tensor([tps[i] for i in cut], device=dev, dtype=sv.dtype)
+            if (tp < 1.0).any():
+                probs = sv.softmax(dim=-1)
+                before = probs.cumsum(dim=-1) - probs  # mass of the strictly higher-ranked tokens
+                rm_p = (before >= tp[:, None]) & (tp[:, None] < 1.0)
+                rm_p[:, 0] = False
+                remove_sorted |= rm_p
+            remove = torch.zeros_like(remove_sorted).scatter_(1, si, remove_sorted)
+            logits[ci] = sub.masked_fill(remove, float("-inf"))
+        mp = torch.tensor([p.min_p for p in ps], device=dev, dtype=logits.dtype)[:, None]
+        probs = logits.softmax(dim=-1)
+        if (mp > 0).any():
+            top = probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < mp * top, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row: [(target token, its logprob)] + the top-k (target excluded), from raw logits."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, target_ids[:, None])[:, 0].tolist()
+    tgt = target_ids.tolist()
+    if k > 0:
+        tv, ti = lp.topk(min(k + 1, lp.shape[1]), dim=-1)
+        tv, ti = tv.tolist(), ti.tolist()
+    out = []
+    for r in range(len(tgt)):
+        entry = [(tgt[r], chosen[r])]
+        if k > 0:
+            entry += [(t, v) for t, v in zip(ti[r], tv[r]) if t != tgt[r]][:k]
+        out.append(entry)
+    return out

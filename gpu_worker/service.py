@@ -1,0 +1,248 @@
+"""The GPU worker service: `python -m gpu_worker.service --device cpu|cuda --model ... --gpu-memory-utilization ...`
+
+Builds a ModelRunner, registers its WorkerInfo in Redis (``pf:workers``), heartbeats from a thread
+(``pf:hb:{worker_id}``, a key with a TTL holding this start's incarnation), then reads StepPlans from
+its plan stream (consumer group ``worker``), executes them in order and answers StepResults on the
+results stream. A plan is acknowledged in the same Redis transaction that publishes its result.
+Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+
+import redis
+
+from protocol import StepPlan, StepResult
+from protocol import streams as S
+
+log = logging.getLogger("pagedfleet.worker")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_redis(url: str, timeout_s: float = 60.0) -> redis.Redis:
+    r = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r.ping()
+            return r
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class WorkerService:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.r = wait_for_redis(args.redis_url)
+        self.hb_r = redis.Redis.from_url(args.redis_url, decode_responses=True)
+        self.stop = threading.Event()
+        self.reregister = threading.Event()
+        self.metrics_url: str | None = None
+        self.incarnation = uuid.uuid4().hex
+        self.runner = None
+        self.metrics = None
+        self.plan_stream = S.plan_stream(self.worker_id)
+
+    # ---- setup --------------------------------------------------------------------------------
+    def build_runner(self):
+        from gpu_worker import ModelRunner, WorkerConfig
+
+        a = self.args
+        kw = dict(model=a.model, device=a.device, gpu_memory_utilization=a.gpu_memory_utilization,
+                  block_size=a.block_size)
+        for name in ("dtype", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_dtype", "attention_backend",
+                     "max_model_len", "seed"):
+            v = getattr(a, name)
+            if v is not None:
+                kw[name] = v
+        if a.device == "cpu" and a.threads:
+            kw["num_threads"] = a.threads
+        self.runner = ModelRunner(WorkerConfig(**kw), worker_id=self.worker_id)
+        return self.runner
+
+    def start_metrics(self) -> str | None:
+        port = self.args.metrics_port if self.args.metrics_port else _free_port()
+        host = self.args.advertise_host or "127.0.0.1"
+        try:
+            from gpu_worker.metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics(self.runner.info)
+            self.metrics.start_metrics_server(port)
+        except Exception as e:  # pragma: no cover - metrics must never stop a worker
+            log.warning("metrics server not started: %s", e)
+            return None
+        return f"{host}:{port}"
+
+    def registration(self, metrics_url: str | None) -> S.WorkerRegistration:
+        return S.WorkerRegistration(info=self.runner.info, incarnation=self.incarnation, metrics_url=metrics_url,
+                                    host=socket.gethostname(), pid=os.getpid())
+
+    def register(self, metrics_url: str | None) -> None:
+        self.metrics_url = metrics_url
+        reg = self.registration(metrics_url)
+        self._reg_json = reg.model_dump_json()
+        p = self.r.pipeline(transaction=True)
+        p.delete(self.plan_stream)  # plans of an earlier start are meaningless now
+        p.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True)
+        p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl * 1000))
+        p.hset(S.WORKERS, self.worker_id, self._reg_json)
+        p.execute()
+        log.info("worker %s registered (incarnation %s, %d GPU blocks)", self.worker_id, self.incarnation,
+                 self.runner.info.num_gpu_blocks)
+
+    # ---- heartbeat ----------------------------------------------------------------------------
+    def heartbeat_loop(self) -> None:
+        ttl_ms = int(self.args.heartbeat_ttl * 1000)
+        key = S.heartbeat_key(self.worker_id)
+        while not self.stop.wait(self.args.heartbeat_interval):
+            if self.reregister.is_set():
+                continue  # the main loop is starting a new incarnation
+            try:
+                cur = self.hb_r.hget(S.WORKERS, self.worker_id)
+                if cur != self._reg_json:
+                    if cur is not None and S.WorkerRegistration.model_validate_json(cur).pid != os.getpid():
+                        log.error("worker id %s was taken by another process; stopping", self.worker_id)
+                        self.stop.set()
+                        return
+                    # the scheduler declared us dead (missed heartbeats) and moved our requests away:
+                    # drop every sequence and register again as a new incarnation
+                    log.error("worker %s was declared dead by the scheduler; registering again", self.worker_id)
+                    self.reregister.set()
+                    continue
+                self.hb_r.set(key, self.incarnation, px=ttl_ms)
+            except redis.RedisError as e:
+                log.warning("heartbeat failed: %s", e)
+
+    def restart_incarnation(self) -> None:
+        self.runner.seqs.clear()
+        self.incarnation = uuid.uuid4().hex
+        self.register(self.metrics_url)
+        self.reregister.clear()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def serve(self) -> None:
+        r = self.r
+        while not self.stop.is_set():
+            if self.reregister.is_set():
+                self.restart_incarnation()
+            try:
+                resp = r.xreadgroup(S.WORKER_GROUP, self.incarnation, {self.plan_stream: ">"}, count=1, block=500)
+            except redis.ResponseError as e:  # the group vanished: we were declared dead
+                log.warning("plan stream unreadable (%s); registering again", e)
+                self.reregister.set()
+                continue
+            except redis.ConnectionError as e:
+                log.warning("redis: %s", e)
+                time.sleep(0.2)
+                continue
+            if not resp:
+                continue
+            for _stream, entries in resp:
+                for entry_id, fields in entries:
+                    self.handle(entry_id, fields)
+
+    def handle(self, entry_id: str, fields: dict) -> None:
+        t0 = time.perf_counter()
+        step_id = -1
+        try:
+            plan = S.decode(fields, StepPlan)
+            step_id = plan.step_id
+            result = self.runner.execute(plan)
+            result.worker_id = self.worker_id
+        except Exception as e:
+            log.exception("step %s failed", step_id)
+            result = StepResult(worker_id=self.worker_id, step_id=step_id, error=f"{type(e).__name__}: {e}")
+            plan = None
+        dt = time.perf_counter() - t0
+        if not result.execute_ms:
+            result.execute_ms = dt * 1000.0
+        p = self.r.pipeline(transaction=True)
+        p.xadd(S.RESULTS, S.encode(result))
+        p.xack(self.plan_stream, S.WORKER_GROUP, entry_id)
+        p.execute()
+        if self.metrics is not None and plan is not None:
+            try:
+                self.metrics.observe_execute(dt, num_tokens=plan.num_batched_tokens)
+            except Exception:  # pragma: no cover
+                pass
+
+    def unregister(self) -> None:
+        try:
+            cur = self.r.hget(S.WORKERS, self.worker_id)
+            if cur == getattr(self, "_reg_json", None):
+                p = self.r.pipeline(transaction=True)
+                p.hdel(S.WORKERS, self.worker_id)
+                p.delete(S.heartbeat_key(self.worker_id))
+                p.execute()
+        except Exception:
+            pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m gpu_worker.service", description="PagedFleet GPU worker")
+    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--worker-id", default=env("PAGEDFLEET_WORKER_ID"))
+    p.add_argument("--model", default=env("PAGEDFLEET_MODEL"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-gpu-blocks", type=int, default=None)
+    p.add_argument("--num-cpu-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-dtype", default=None)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--metrics-port", type=int, default=int(env("PAGEDFLEET_WORKER_METRICS_PORT", "0")),
+                   help="Prometheus port (0: a free one)")
+    p.add_argument("--advertise-host", default=env("PAGEDFLEET_ADVERTISE_HOST", "127.0.0.1"))
+    p.add_argument("--heartbeat-interval", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_INTERVAL_S", "0.5")))
+    p.add_argument("--heartbeat-ttl", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_TTL_S", "3.0")))
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    svc = WorkerService(args)
+
+    def _stop(signum, frame):
+        svc.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    svc.build_runner()
+    metrics_url = svc.start_metrics()
+    svc.register(metrics_url)
+    hb = threading.Thread(target=svc.heartbeat_loop, name="heartbeat", daemon=True)
+    hb.start()
+    try:
+        svc.serve()
+    finally:
+        svc.stop.set()
+        svc.unregister()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Triton kernels of PagedFleet, one per file, each with its torch reference beside it.
+
+Runs on CUDA tensors, and on CPU tensors through Triton's interpreter (set TRITON_INTERPRET=1 before
+importing triton; CPU tensors are interpreted even if it wasn't set, only more slowly to start).
+"""
+from .copy_blocks import copy_blocks, copy_blocks_ref
+from .paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from .paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+
+__all__ = [
+    "copy_blocks",
+    "copy_blocks_ref",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "paged_prefill_attention",
+    "paged_prefill_attention_ref",
+    "reshape_and_cache",
+    "reshape_and_cache_ref",
+]

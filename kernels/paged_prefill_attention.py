@@ -1,0 +1,332 @@
+"""Paged prefill attention (chunked prefill, prefix-cache hits, mixed batches).
+
+q [num_tokens, num_q_heads, head_dim] is flat over sequences: sequence i owns rows
+query_start_loc[i] : query_start_loc[i+1], and those queries are the LAST q_len_i positions of its
+seq_lens[i]-token context. Each query attends causally to itself and everything before it; its own K/V (and
+those of the earlier new tokens) were already written to the cache by reshape_and_cache.
+
+Kernel design
+- Grid (num_kv_heads, num_q_blocks_upper_bound): a program takes BLOCK_Q query tokens of one sequence and
+  the QUERIES_PER_KV query heads sharing one KV head, i.e. a [BLOCK_M = BLOCK_Q * QUERIES_PER_KV, head_dim]
+  tile (row r = token r // QPK, head r % QPK), so every K/V tile serves the whole GQA group. The program's
+  sequence is found by a binary search over query_start_loc (no host-side tables, no sync); surplus
+  programs of the upper bound num_tokens // BLOCK_Q + num_seqs exit at once. Program ids are reversed so
+  the longest (last) query blocks start first.
+- K/V are gathered through the block table per BLOCK_N-token tile. The KV loop has two phases: tiles wholly
+  below the tile's first query position need no mask at all; the rest (the causal diagonal) are masked.
+- fp32 online softmax (base 2), fp32 accumulator, FP8 caches widened on load (k_scale folded into the score
+  multiplier, v_scale applied to the output).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import as_float, check_cache, dot_precision, is_fp8, kernel_for, next_pow2
+from .paged_decode_attention import _compute_mode
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+def _paged_prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    qk_scale,  # softmax scale * k_scale * log2(e)
+    v_scale,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    QUERIES_PER_KV: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    COMPUTE: tl.constexpr,  # operand dtype of the two products: "q" (q's dtype), "fp16" or "fp32"
+):
+    kvh = tl.program_id(0)
+    qb = tl.num_programs(1) - 1 - tl.program_id(1)  # heavy (late) query blocks first
+
+    # sequence owning query block qb: the last s with qsl[s] // BLOCK_Q + s <= qb
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        v_mid = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if v_mid <= qb:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_begin = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+    q_block = qb - (q_begin // BLOCK_Q + seq)
+    if q_block * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context = seq_len - q_len  # keys already in the cache before these queries
+
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_bn = tl.arange(0, BLOCK_N)
+        q_tok = q_block * BLOCK_Q + offs_m // QUERIES_PER_KV  # token within the sequence's queries
+        heads = kvh * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
+        mask_m = (q_tok < q_len) & (offs_m < BLOCK_Q * QUERIES_PER_KV)
+        if BLOCK_D == HEAD_DIM:
+            mask_md = mask_m[:, None]
+        else:
+            mask_md = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q_pos = context + q_tok  # absolute position of each row's query
+        row_off = (q_begin + q_tok).to(tl.int64)
+
+        if COMPUTE == "fp32":
+            cdtype = tl.float32
+        elif COMPUTE == "fp16":
+            cdtype = tl.float16
+        else:
+            cdtype = q_ptr.dtype.element_ty
+        q = tl.load(q_ptr + row_off[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_md, other=0.0).to(cdtype)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+        v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+        first_pos = context + q_block * BLOCK_Q  # every row may see keys <= first_pos
+        last_pos = tl.minimum(context + q_block * BLOCK_Q + BLOCK_Q, seq_len)  # exclusive end of keys seen
+        full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+
+        # phase 1: key tiles every row sees completely (no masks)
+        for start_n in range(0, full_end, BLOCK_N):
+            offs_n = start_n + offs_bn
+            if PAGE_SIZE >= BLOCK_N:
+                page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
+                tok = (offs_n % PAGE_SIZE)[:, None]
+            else:
+                page = tl.load(bt_row + offs_n // PAGE_SIZE).to(tl.int64)[:, None]
+                tok = (offs_n % PAGE_SIZE)[:, None]
+            if BLOCK_D == HEAD_DIM:
+                k = tl.load(k_head + page * stride_kb + tok * stride_kt + offs_d[None, :])
+                v = tl.load(v_head + page * stride_vb + tok * stride_vt + offs_d[None, :])
+            else:
+                k = tl.load(k_head + page * stride_kb + tok * stride_kt + offs_d[None, :],
+                            mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                v = tl.load(v_head + page * stride_vb + tok * stride_vt + offs_d[None, :],
+                            mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision=DOT_PRECISION) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), v.to(cdtype), input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # phase 2: the causal diagonal (and the ragged end of the context)
+        for start_n in range(full_end, last_pos, BLOCK_N):
+            offs_n = start_n + offs_bn
+            mask_n = offs_n < last_pos
+            if PAGE_SIZE >= BLOCK_N:
+                page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
+                tok = (offs_n % PAGE_SIZE)[:, None]
+            else:
+                page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)[:, None]
+                tok = (offs_n % PAGE_SIZE)[:, None]
+            if BLOCK_D == HEAD_DIM:
+                kv_mask = mask_n[:, None]
+            else:
+                kv_mask = mask_n[:, None] & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_head + page * stride_kb + tok * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_head + page * stride_vb + tok * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where((offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), v.to(cdtype), input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        o = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_md)
+
+
+def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if device.type != "cuda":
+        return 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of new tokens over a paged KV cache; returns `out` ([num_tokens, q_heads, head_dim]).
+
+    `max_query_len` is accepted for interface compatibility (the grid is sized from num_tokens and
+    num_seqs, which needs no bound). k_scale / v_scale dequantise FP8 caches and are ignored otherwise.
+    """
+    del max_query_len
+    block_size, num_kv_heads, head_dim = check_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[-1] != head_dim:
+        raise ValueError(f"q must be [num_tokens, num_q_heads, {head_dim}], got {tuple(q.shape)}")
+    num_tokens, num_q_heads, _ = q.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError("query_start_loc must have num_seqs + 1 entries")
+    if block_tables.dtype != torch.int32:
+        block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    query_start_loc = query_start_loc.to(torch.int32).contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError("out must have q's shape and be contiguous along head_dim")
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    fp8 = is_fp8(k_cache.dtype)
+    ks = as_float(k_scale) if fp8 else 1.0
+    vs = as_float(v_scale) if fp8 else 1.0
+    device = q.device
+    qpk = num_q_heads // num_kv_heads
+    d_bm, d_bn, d_nw, d_ns = _default_config(device, head_dim, qpk, q.dtype)
+    block_m = max(block_m or d_bm, next_pow2(qpk))
+    block_n = block_n or d_bn
+    block_q = max(1, block_m // qpk)
+    num_q_blocks = num_tokens // block_q + num_seqs
+    kernel_for(_paged_prefill_kernel, device)[(num_kv_heads, num_q_blocks)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        float(scale) * ks * LOG2E,
+        vs,
+        num_seqs,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        QUERIES_PER_KV=qpk,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        HEAD_DIM=head_dim,
+        BLOCK_D=next_pow2(head_dim),
+        PAGE_SIZE=block_size,
+        BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(q.dtype),
+        COMPUTE=_compute_mode(q.dtype, k_cache.dtype, device),
+        num_warps=num_warps or d_nw,
+        num_stages=num_stages or d_ns,
+    )
+    return out
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    compute_dtype: torch.dtype = torch.float64,
+    out_dtype: torch.dtype | None = None,
+    **_ignored,
+) -> torch.Tensor:
+    """Torch reference: per sequence, gather its context through the block table and run causal attention
+    of its last q_len positions in `compute_dtype`."""
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_tokens, num_q_heads, head_dim = q.shape
+    qpk = num_q_heads // num_kv_heads
+    fp8 = is_fp8(k_cache.dtype)
+    ks = as_float(k_scale) if fp8 else 1.0
+    vs = as_float(v_scale) if fp8 else 1.0
+    res = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=compute_dtype, device=q.device)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, n in enumerate(lens):
+        n = int(n)
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        ql = b - a
+        if ql == 0:
+            continue
+        nblk = -(-n // block_size)
+        blocks = block_tables[i, :nblk].long()
+        k = k_cache[blocks].flatten(0, 1)[:n].to(compute_dtype)
+        v = v_cache[blocks].flatten(0, 1)[:n].to(compute_dtype)
+        if fp8:
+            k, v = k * ks, v * vs
+        k = k.repeat_interleave(qpk, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(qpk, dim=1)
+        s = torch.einsum("qhd,nhd->hqn", q[a:b].to(compute_dtype), k) * scale
+        pos = torch.arange(n - ql, n, device=q.device)
+        allowed = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [ql, n]
+        s = s.masked_fill(~allowed[None], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        res[a:b] = torch.einsum("hqn,nhd->qhd", p, v)
+    if out is None:
+        return res.to(out_dtype or q.dtype)
+    out.copy_(res)
+    return out
+
+
+__all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]

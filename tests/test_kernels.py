@@ -1,0 +1,279 @@
+"""The Triton kernels against their torch references, on the CPU through Triton's interpreter.
+
+Every case draws fresh random inputs, uses ragged lengths (1 token, exactly a block, a block plus one, many
+blocks), poisons the output with NaN first, fills every cache slot that belongs to no sequence with NaN and
+points the block-table entries past each sequence's last block at NaN blocks (or at no block at all): an
+output that reads anything it shouldn't, or leaves anything unwritten, fails. Errors are
+||out - ref|| / ||ref|| against a float64 reference.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (kernels also cope if it wasn't)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.paged_decode_attention import choose_num_splits  # noqa: E402
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+HEAD_DIM = 64
+FP8 = torch.float8_e4m3fn
+
+
+def _ragged(bs: int) -> list[int]:
+    return [1, bs, bs + 1, 4 * bs + 3]
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output (unwritten or read garbage)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _paged_setup(seq_lens, bs, num_kv_heads, dtype, *, gen, num_layers=2, layer=1, fp8_scale=None):
+    """A kv_cache [L, 2, NB, bs, Hkv, D] whose sequence tokens are random and everything else NaN, plus
+    block tables (random permutation of blocks) whose padding entries are garbage."""
+    nblk = [-(-n // bs) for n in seq_lens]
+    num_blocks = sum(nblk) + 4  # 4 spare blocks stay NaN
+    width = max(nblk) + 3
+    store_dtype = torch.float32 if dtype == FP8 else dtype
+    kv = torch.full((num_layers, 2, num_blocks, bs, num_kv_heads, HEAD_DIM), float("nan"), dtype=store_dtype)
+    perm = torch.randperm(num_blocks, generator=gen)
+    spare = perm[sum(nblk):]
+    bt = torch.empty((len(seq_lens), width), dtype=torch.int32)
+    i = 0
+    for s, (n, nb) in enumerate(zip(seq_lens, nblk)):
+        blocks = perm[i : i + nb]
+        i += nb
+        bt[s, :nb] = blocks.int()
+        # garbage past the last block: NaN blocks, and a value that is no block at all
+        bt[s, nb:] = spare[torch.randint(0, len(spare), (width - nb,), generator=gen)].int()
+        bt[s, -1] = 2**31 - 1
+        vals = torch.randn((2, nb * bs, num_kv_heads, HEAD_DIM), generator=gen)
+        vals[:, n:] = float("nan")  # the tail of the last block is not part of the sequence
+        kv[layer, :, blocks] = vals.view(2, nb, bs, num_kv_heads, HEAD_DIM).to(store_dtype)
+    if dtype == FP8:
+        kv = (kv / fp8_scale).clamp(-448, 448).to(FP8)  # NaN stays NaN in e4m3fn
+    return kv, kv[layer, 0], kv[layer, 1], bt, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_paged_decode_matches_reference(dtype, bs, gqa):
+    gen = torch.Generator().manual_seed(1000 + bs * 10 + gqa + (dtype == torch.bfloat16))
+    num_kv_heads = 2
+    lens = _ragged(bs)
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, dtype, gen=gen)
+    q = torch.randn((len(lens), num_kv_heads * gqa, HEAD_DIM), generator=gen).to(dtype)
+    scale = HEAD_DIM**-0.5
+    ref = kernels.paged_decode_attention_ref(q, k, v, bt, sl, scale, out_dtype=torch.float64)
+    for splits in (None, 1, 3):  # heuristic (several on CPU), single pass, uneven splits
+        out = torch.full_like(q, float("nan"))
+        res = kernels.paged_decode_attention(q, k, v, bt, sl, scale, out=out, num_splits=splits)
+        assert res is out
+        err = _rel_err(out, ref)
+        assert err < TOL[dtype], (splits, err)
+
+
+def test_paged_decode_fp8_cache():
+    gen = torch.Generator().manual_seed(7)
+    bs, num_kv_heads, gqa = 16, 2, 4
+    ks = vs = 0.02
+    lens = _ragged(bs)
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, FP8, gen=gen, fp8_scale=ks)
+    q = torch.randn((len(lens), num_kv_heads * gqa, HEAD_DIM), generator=gen).bfloat16()
+    scale = HEAD_DIM**-0.5
+    ref = kernels.paged_decode_attention_ref(q, k, v, bt, sl, scale, k_scale=ks, v_scale=vs, out_dtype=torch.float64)
+    out = torch.full_like(q, float("nan"))
+    kernels.paged_decode_attention(q, k, v, bt, sl, scale, out=out, k_scale=ks, v_scale=vs, num_splits=2)
+    assert _rel_err(out, ref) < 1e-2
+    # the scales matter: the reference without them is far off
+    wrong = kernels.paged_decode_attention_ref(q, k, v, bt, sl, scale, out_dtype=torch.float64)
+    assert _rel_err(out, wrong) > 0.5
+
+
+def test_paged_decode_strided_out_and_long_context():
+    """out as a strided view, many blocks per sequence, tiles spanning several blocks."""
+    gen = torch.Generator().manual_seed(11)
+    bs, num_kv_heads, gqa = 8, 1, 4
+    lens = [200, 3]
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, torch.float32, gen=gen)
+    q = torch.randn((2, gqa, HEAD_DIM), generator=gen)
+    big = torch.full((2, gqa * 2, HEAD_DIM), float("nan"))
+    out = big[:, ::2]
+    kernels.paged_decode_attention(q, k, v, bt, sl, 0.1, out=out, num_splits=4, block_n=16)
+    ref = kernels.paged_decode_attention_ref(q, k, v, bt, sl, 0.1, out_dtype=torch.float64)
+    assert _rel_err(out, ref) < 1e-3
+    assert torch.isnan(big[:, 1::2]).all()  # nothing written outside out
+
+
+def test_num_splits_heuristic():
+    sms = 132
+    assert choose_num_splits(1, 8, 4096, sms) >= 8  # batch 1: fill the GPU by splitting the context
+    assert choose_num_splits(256, 8, 1024, sms) == 1
+    assert choose_num_splits(64, 8, 32, sms) == 1  # short contexts are never split
+    for b, h, n in [(1, 8, 4096), (16, 8, 16384), (64, 8, 2048), (3, 2, 100000)]:
+        s = choose_num_splits(b, h, n, sms)
+        assert s & (s - 1) == 0 and 1 <= s <= 64
+
+
+# ------------------------------------------------------------------------------------------------ prefill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_paged_prefill_matches_reference(dtype, bs, gqa):
+    gen = torch.Generator().manual_seed(2000 + bs * 10 + gqa + (dtype == torch.bfloat16))
+    num_kv_heads = 2
+    # (context after the step, new tokens): a fresh prompt of one token, a whole prompt of exactly one
+    # block, a chunk on top of a prefix (block + 1), a decode token inside a mixed batch, a long chunk
+    lens = [1, bs, bs + 1, 4 * bs + 3, 3 * bs + 5]
+    qlens = [1, bs, 2, 1, 2 * bs + 1]
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, dtype, gen=gen)
+    qsl = torch.tensor(np.concatenate([[0], np.cumsum(qlens)]), dtype=torch.int32)
+    q = torch.randn((int(qsl[-1]), num_kv_heads * gqa, HEAD_DIM), generator=gen).to(dtype)
+    scale = HEAD_DIM**-0.5
+    ref = kernels.paged_prefill_attention_ref(q, k, v, bt, sl, qsl, max(qlens), scale, out_dtype=torch.float64)
+    out = torch.full_like(q, float("nan"))
+    res = kernels.paged_prefill_attention(q, k, v, bt, sl, qsl, max(qlens), scale, out=out)
+    assert res is out
+    assert _rel_err(out, ref) < TOL[dtype]
+
+
+def test_paged_prefill_fp8_and_small_tiles():
+    gen = torch.Generator().manual_seed(5)
+    bs, num_kv_heads, gqa = 16, 2, 2
+    ks, vs = 0.03, 0.01
+    lens, qlens = [40, 17, 70], [40, 17, 9]
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, FP8, gen=gen, fp8_scale=ks)
+    qsl = torch.tensor(np.concatenate([[0], np.cumsum(qlens)]), dtype=torch.int32)
+    q = torch.randn((int(qsl[-1]), num_kv_heads * gqa, HEAD_DIM), generator=gen).bfloat16()
+    ref = kernels.paged_prefill_attention_ref(q, k, v, bt, sl, qsl, 40, 0.125, k_scale=ks, v_scale=vs,
+                                              out_dtype=torch.float64)
+    for kw in ({}, {"block_m": 16, "block_n": 16}):
+        out = torch.full_like(q, float("nan"))
+        kernels.paged_prefill_attention(q, k, v, bt, sl, qsl, 40, 0.125, out=out, k_scale=ks, v_scale=vs, **kw)
+        assert _rel_err(out, ref) < 1e-2, kw
+
+
+def test_prefill_equals_decode_for_single_tokens():
+    gen = torch.Generator().manual_seed(9)
+    bs, num_kv_heads, gqa = 16, 2, 4
+    lens = _ragged(bs)
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, torch.float32, gen=gen)
+    q = torch.randn((len(lens), num_kv_heads * gqa, HEAD_DIM), generator=gen)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    a = kernels.paged_prefill_attention(q, k, v, bt, sl, qsl, 1, 0.2)
+    b = kernels.paged_decode_attention(q, k, v, bt, sl, 0.2)
+    assert _rel_err(a, b) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ KV write
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, FP8])
+@pytest.mark.parametrize("bs", [8, 16, 32])
+def test_reshape_and_cache_matches_reference(cache_dtype, bs):
+    gen = torch.Generator().manual_seed(3000 + bs)
+    num_layers, num_blocks, num_kv_heads = 2, 12, 2
+    kv = torch.randn((num_layers, 2, num_blocks, bs, num_kv_heads, HEAD_DIM), generator=gen) * 4
+    kv = (kv * 50).to(cache_dtype) if cache_dtype == FP8 else kv.to(cache_dtype)
+    kv_ref = kv.clone()
+    n = 3 * bs + 1
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:n]
+    slots[::5] = -1  # padding
+    in_dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
+    key = (torch.randn((n, num_kv_heads, HEAD_DIM), generator=gen) * 3).to(in_dtype)
+    value = (torch.randn((n, num_kv_heads, HEAD_DIM), generator=gen) * 3).to(in_dtype)
+    ks, vs = (0.01, 0.02) if cache_dtype == FP8 else (1.0, 1.0)
+    kernels.reshape_and_cache(key, value, kv[1, 0], kv[1, 1], slots, ks, vs)
+    kernels.reshape_and_cache_ref(key, value, kv_ref[1, 0], kv_ref[1, 1], slots, ks, vs)
+    assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+    # the written values are the inputs (FP8: value / scale to within half an e4m3 step, saturated)
+    valid = slots >= 0
+    got = kv[1, 0][slots[valid] // bs, slots[valid] % bs].float()
+    want = key[valid].float() / ks
+    if cache_dtype == FP8:
+        want = want.clamp(-448, 448)
+        assert ((got - want).abs() <= want.abs() / 16 + 2**-10).all()
+    else:
+        assert torch.equal(got, want)
+
+
+def test_reshape_and_cache_fp8_rounding_edges():
+    """Values at e4m3 rounding boundaries (carry into the next binade, ties, subnormals, saturation)."""
+    vals = torch.tensor([-125.78125, 200.0, -200.0, 15.5, 0.0068359375, 0.001, 1000.0, -1000.0, 0.0, 240.0,
+                         247.9, 248.0, 3.0e-3, -1.5e-4], dtype=torch.float32)
+    n = vals.numel()
+    key = torch.zeros((n, 1, HEAD_DIM))
+    key[:, 0, :] = vals[:, None]
+    kv = torch.zeros((1, 2, 2, 16, 1, HEAD_DIM), dtype=FP8)
+    kv_ref = kv.clone()
+    slots = torch.arange(n)
+    kernels.reshape_and_cache(key, key, kv[0, 0], kv[0, 1], slots, 1.0, 1.0)
+    kernels.reshape_and_cache_ref(key, key, kv_ref[0, 0], kv_ref[0, 1], slots, 1.0, 1.0)
+    assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------ copies
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, FP8])
+def test_copy_blocks_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(4000)
+    kv = torch.randn((3, 2, 10, 16, 2, HEAD_DIM), generator=gen) * 8
+    kv = kv.to(dtype)
+    kv_ref = kv.clone()
+    pairs = torch.tensor([[1, 5], [3, 7], [9, 0], [2, 8]], dtype=torch.int64)
+    kernels.copy_blocks(kv, pairs)
+    kernels.copy_blocks_ref(kv_ref, pairs)
+    assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+    assert torch.equal(kv[:, :, 5].view(torch.uint8), kv[:, :, 1].view(torch.uint8))
+    kernels.copy_blocks(kv, torch.empty((0, 2), dtype=torch.int64))  # no pairs: no launch
+
+
+# ------------------------------------------------------------------------------------------------ backend
+
+
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_triton_backend_matches_torch_backend(decode_only):
+    from gpu_worker.attention.metadata import AttentionMetadata
+    from gpu_worker.attention.torch_backend import TorchAttentionBackend
+    from gpu_worker.attention.triton_backend import TritonAttentionBackend
+
+    gen = torch.Generator().manual_seed(77 + decode_only)
+    bs, num_kv_heads, gqa, num_blocks = 16, 2, 4, 24
+    seq_lens = [1, 16, 17, 40]
+    qlens = [1, 1, 1, 1] if decode_only else [1, 16, 5, 1]
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, i = [], 0
+    for n in seq_lens:
+        nb = -(-n // bs)
+        tables.append(perm[i : i + nb])
+        i += nb
+    meta = AttentionMetadata.build(seq_lens, qlens, tables, bs, device="cpu")
+    assert meta.is_decode_only == decode_only
+    T = sum(qlens)
+    caches = []
+    for _ in range(2):
+        kv = torch.randn((1, 2, num_blocks, bs, num_kv_heads, HEAD_DIM), generator=gen).bfloat16()
+        caches.append(kv)
+    caches[1].copy_(caches[0])
+    key = torch.randn((T, num_kv_heads, HEAD_DIM), generator=gen).bfloat16()
+    value = torch.randn((T, num_kv_heads, HEAD_DIM), generator=gen).bfloat16()
+    query = torch.randn((T, num_kv_heads * gqa, HEAD_DIM), generator=gen).bfloat16()
+    outs = []
+    for backend, kv in zip((TorchAttentionBackend(), TritonAttentionBackend()), caches):
+        backend.prepare(meta)
+        backend.write_kv(key, value, kv[0, 0], kv[0, 1], meta)
+        outs.append(backend.forward(query, kv[0, 0], kv[0, 1], meta, HEAD_DIM**-0.5))
+    assert torch.equal(caches[0], caches[1])
+    assert _rel_err(outs[1], outs[0]) < 1e-2
