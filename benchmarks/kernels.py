@@ -55,6 +55,30 @@ def bench(fn, rep: int = 100) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def bench_graph(fn, rep: int = 100) -> float:
+    """Median milliseconds of replaying `fn` captured in a CUDA graph (no CPU launch cost; cold L2)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=25, rep=rep, return_mode="median")
+
+
+def cpu_us_per_call(fn, n: int = 300) -> float:
+    """Wall microseconds per call for n back-to-back calls (max of CPU launch cost and GPU time; warm L2)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def rel_err(out, ref) -> float:
     if torch.isnan(out).any():
         return float("nan")
@@ -351,13 +375,33 @@ def decode_row(batch, ctx, bs, fp8, *, flex=True, cfg=None):
     ref = torch.nn.functional.scaled_dot_product_attention(q4.float(), kc.float(), vc.float(), enable_gqa=True)
     err = rel_err(out, ref.squeeze(2))
     t = bench(fn)
+    try:
+        tg = bench_graph(fn)
+    except Exception as e:  # noqa: BLE001
+        log(f"    graph: {e!r}")
+        tg = None
     nbytes = 2 * batch * ctx * HKV * D * kv.element_size()
     row = dict(batch=batch, ctx=ctx, block=bs, kv="fp8" if fp8 else "bf16", t_ms=t, gbps=nbytes / t / 1e6,
+               graph_ms=tg, loop_us=cpu_us_per_call(fn) if batch == 1 else None,
                err=err, splits=cfg.get("num_splits") if cfg else
                choose_num_splits(batch, HKV, ctx, num_sms(DEV)))
     if not fp8:
         sd = sdpa_decode_best(q4, kc, vc)
         row.update(sdpa_ms=sd[0], sdpa_form=sd[1], sdpa_gbps=nbytes / sd[0] / 1e6, sdpa_all_ms=sd[2])
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                  "efficient": SDPBackend.EFFICIENT_ATTENTION}[sd[1].split("/")[0]]
+            if sd[1].endswith("gqa"):
+                def sfn():
+                    with sdpa_kernel([be]):
+                        return torch.nn.functional.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True)
+                row["sdpa_graph_ms"] = bench_graph(sfn)
+                if batch == 1:
+                    row["sdpa_loop_us"] = cpu_us_per_call(sfn)
+        except Exception as e:  # noqa: BLE001
+            log(f"    sdpa graph: {e!r}")
     else:
         row.update(sdpa_ms=None, sdpa_form="n/a (bf16 row is the baseline)")
     del kc, vc
@@ -429,8 +473,9 @@ def sweep(deadline: float):
     kv, bt, sl = paged_inputs(64, 2048, 16, fp8_scale=0.02, seed=2)
     q = torch.randn((64, HQ, D), device=DEV, dtype=torch.bfloat16)
     nbytes = 2 * 64 * 2048 * HKV * D
-    cfgs = [(bn, nw, ns, S, "fp16") for bn in (64, 128) for nw in (4, 8) for ns in (2, 3, 4) for S in (1, 2, 4)]
-    cfgs += [(64, 4, 3, 2, "q"), (128, 4, 3, 2, "q"), (32, 4, 4, 2, "fp16"), (32, 4, 3, 1, "fp16")]
+    cfgs = [(128, 4, 2, 1, "fp16"), (256, 4, 2, 1, "fp16"), (256, 8, 2, 1, "fp16"), (128, 2, 2, 1, "fp16"),
+            (128, 2, 3, 1, "fp16"), (64, 2, 3, 1, "fp16"), (256, 4, 1, 1, "fp16"), (128, 4, 2, 1, "q"),
+            (128, 8, 2, 1, "fp16"), (256, 8, 3, 1, "fp16")]
     for bn, nw, ns, S, comp in cfgs:
         if time.time() > deadline:
             break
@@ -449,7 +494,7 @@ def sweep(deadline: float):
     for batch, ctx in ((1, 4096), (64, 2048)):
         kv, bt, sl = paged_inputs(batch, ctx, 16, seed=4)
         q = torch.randn((batch, HQ, D), device=DEV, dtype=torch.bfloat16)
-        for bn, nw, ns in ((64, 4, 3), (32, 4, 3), (64, 4, 4), (64, 8, 2)):
+        for bn, nw, ns in ((64, 4, 3), (64, 2, 3), (32, 2, 3), (128, 4, 2)):
             if time.time() > deadline:
                 break
             fn = lambda: kernels.paged_decode_attention(q, kv[0, 0], kv[0, 1], bt, sl, D**-0.5, block_n=bn,  # noqa: E731
@@ -460,8 +505,7 @@ def sweep(deadline: float):
             res["decode"].append(dict(batch=batch, ctx=ctx, bn=bn, nw=nw, ns=ns, t_ms=t))
         del kv
     log("== sweep: prefill ==")
-    for bm, bn, nw, ns in ((128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 4, 4), (128, 32, 4, 5), (128, 64, 4, 2),
-                           (256, 32, 8, 3), (64, 32, 4, 3), (128, 16, 4, 4), (256, 64, 8, 3), (128, 32, 8, 3)):
+    for bm, bn, nw, ns in ((256, 64, 8, 2), (256, 64, 8, 4), (256, 32, 8, 4), (256, 128, 8, 2), (128, 64, 8, 2)):
         if time.time() > deadline:
             break
         try:
@@ -524,6 +568,8 @@ def main():
             if r["kv"] == "fp8":
                 base = bf16.get((r["batch"], r["ctx"], r["block"]))
                 r["speedup_vs_bf16"] = base["t_ms"] / r["t_ms"] if base else None
+                if base and base.get("graph_ms") and r.get("graph_ms"):
+                    r["speedup_vs_bf16_graph"] = base["graph_ms"] / r["graph_ms"]
         log("== prefill ==")
         try:
             pr = prefill_row()
@@ -562,8 +608,8 @@ def render_md(result) -> str:
         "Times are do_bench medians with a cold L2 (do_bench zeroes 256 MB before every run); GB/s = K+V bytes "
         "read / time; 'vs SDPA' = SDPA time / paged time (> 1: paged faster).",
         "",
-        "| batch | ctx | block | KV | splits | paged us | GB/s | SDPA us (form) | vs SDPA | Flex paged us | paged vs Flex | err |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| batch | ctx | block | KV | splits | paged us | GB/s | SDPA us (form) | vs SDPA | paged / SDPA us in CUDA graph (vs SDPA) | Flex paged us | paged vs Flex | err |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result.get("decode", []):
         sd = r.get("sdpa_ms")
@@ -572,9 +618,20 @@ def render_md(result) -> str:
         lines.append(
             f"| {r['batch']} | {r['ctx']} | {r['block']} | {r['kv']} | {r['splits']} | {r['t_ms']*1e3:.1f}{extra} | "
             f"{r['gbps']:.0f} | {fmt(sd and sd*1e3, '.1f')} ({r['sdpa_form']}) | "
-            f"{fmt(sd and sd / r['t_ms'], '.2f')} | {fmt(fl and fl*1e3, '.1f')} ({r['flex_note']}) | "
+            f"{fmt(sd and sd / r['t_ms'], '.2f')} | {fmt(r.get('graph_ms') and r['graph_ms']*1e3, '.1f')} / "
+            f"{fmt(r.get('sdpa_graph_ms') and r['sdpa_graph_ms']*1e3, '.1f')} "
+            f"({fmt(r.get('sdpa_graph_ms') and r.get('graph_ms') and r['sdpa_graph_ms'] / r['graph_ms'], '.2f')}) | "
+            f"{fmt(fl and fl*1e3, '.1f')} ({r['flex_note']}) | "
             f"{fmt(fl and fl / r['t_ms'], '.2f')} | {r['err']:.1e} |"
         )
+    for r in result.get("decode", []):
+        if r.get("speedup_vs_bf16_graph"):
+            lines.append(f"\nFP8 KV vs bf16 KV at {r['batch']} x {r['ctx']}: {r['speedup_vs_bf16']:.2f}x eager, "
+                         f"{r['speedup_vs_bf16_graph']:.2f}x in CUDA graphs.")
+        if r.get("loop_us"):
+            lines.append(f"\nBatch {r['batch']} x {r['ctx']}: back-to-back calls (warm L2, no graph) take "
+                         f"{r['loop_us']:.1f} us per call for the paged kernel, "
+                         f"{fmt(r.get('sdpa_loop_us'), '.1f')} us for SDPA.")
     for p in result.get("prefill", []):
         lines += [
             "",

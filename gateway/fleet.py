@@ -87,11 +87,12 @@ class FleetClient:
     # ---- requests -------------------------------------------------------------------------------
     async def submit(self, req: GenerationRequest, job_id: str | None = None) -> None:
         cmd = S.RequestCommand(op="add", request_id=req.request_id, request=req, job_id=job_id)
-        await self.redis.xadd(S.REQUESTS, S.encode(cmd), maxlen=S.REQUESTS_MAXLEN, approximate=True)
+        # no MAXLEN here: trimming (scheduler, housekeeping) never drops an entry not yet processed
+        await self.redis.xadd(S.REQUESTS, S.encode(cmd))
 
     async def abort(self, request_id: str, reason: str = "aborted") -> None:
         cmd = S.RequestCommand(op="abort", request_id=request_id, reason=reason)
-        await self.redis.xadd(S.REQUESTS, S.encode(cmd), maxlen=S.REQUESTS_MAXLEN, approximate=True)
+        await self.redis.xadd(S.REQUESTS, S.encode(cmd))
 
     def abort_soon(self, request_id: str, reason: str) -> None:
         """Abort from a context that is being cancelled (a disconnected client): a task of its own."""

@@ -203,23 +203,16 @@ class Sampler:
         if cut:
             ci = torch.tensor(cut, device=dev)
             sub = logits.index_select(0, ci)
-            sv, si = sub.sort(dim=-1, descending=True)
-            remove_sorted = torch.zeros_like(sv, dtype=torch.bool)
             k = torch.tensor([ks[i] for i in cut], device=dev)
-            if (k > 0).any():
-                kth = sv.gather(1, (k.clamp_min(1) - 1)[:, None])
-                rm_k = (sv < kth) & (k[:, None] > 0)
-                sv = sv.masked_fill(rm_k, float("-inf"))
-                remove_sorted |= rm_k
-            tp = torch.tensor([tps[i] for i in cut], device=dev, dtype=sv.dtype)
-            if (tp < 1.0).any():
-                probs = sv.softmax(dim=-1)
-                before = probs.cumsum(dim=-1) - probs  # mass of the strictly higher-ranked tokens
-                rm_p = (before >= tp[:, None]) & (tp[:, None] < 1.0)
-                rm_p[:, 0] = False
-                remove_sorted |= rm_p
-            remove = torch.zeros_like(remove_sorted).scatter_(1, si, remove_sorted)
-            logits[ci] = sub.masked_fill(remove, float("-inf"))
+            tp = torch.tensor([tps[i] for i in cut], device=dev, dtype=logits.dtype)
+            # Only the top K candidates can survive top-k; for top-p alone, when their mass reaches top_p
+            # (checked per row; the rest fall back to a full sort). topk is far cheaper than a full sort.
+            K = min(V, max(max(ks[i] for i in cut), _CANDIDATES))
+            new, ok = _top_k_top_p(sub, k, tp, K)
+            if not bool(ok.all()):
+                bad = (~ok).nonzero()[:, 0]
+                new[bad] = _top_k_top_p(sub[bad], k[bad], tp[bad], V)[0]
+            logits[ci] = new
         mp = torch.tensor([p.min_p for p in ps], device=dev, dtype=logits.dtype)[:, None]
         probs = logits.softmax(dim=-1)
         if (mp > 0).any():
@@ -227,6 +220,37 @@ class Sampler:
             probs = probs.masked_fill(probs < mp * top, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs
+
+
+_CANDIDATES = 1024
+
+
+def _top_k_top_p(sub: torch.Tensor, k: torch.Tensor, tp: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's TopK then TopP warpers over the K best candidates of each row. Returns the filtered logits
+    (-inf outside the kept set) and, per row, whether K candidates were enough."""
+    V = sub.shape[1]
+    if K < V:
+        sv, si = sub.topk(K, dim=-1)
+    else:
+        sv, si = sub.sort(dim=-1, descending=True)
+    has_k = k > 0
+    if bool(has_k.any()):
+        kth = sv.gather(1, (k.clamp(1, K) - 1)[:, None])
+        sv = sv.masked_fill((sv < kth) & has_k[:, None], float("-inf"))
+    ok = torch.ones(sub.shape[0], dtype=torch.bool, device=sub.device)
+    has_p = tp < 1.0
+    if bool(has_p.any()):
+        # normaliser: the top-k set when top-k is on (inside the candidates), else the whole row
+        lse = torch.where(has_k, torch.logsumexp(sv, dim=-1), torch.logsumexp(sub, dim=-1))
+        probs = (sv - lse[:, None]).exp()
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly better-ranked tokens
+        rm_p = (before >= tp[:, None]) & has_p[:, None]
+        rm_p[:, 0] = False
+        sv = sv.masked_fill(rm_p, float("-inf"))
+        if K < V:
+            ok = has_k | ~has_p | (probs.sum(dim=-1) >= tp)
+    out = torch.full_like(sub, float("-inf")).scatter_(1, si, sv)
+    return out, ok
 
 
 def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:

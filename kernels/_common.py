@@ -150,5 +150,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def compute_mode(q_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device) -> str:
+    """Operand dtype of the attention kernels' matrix products: "fp32" for fp32 inputs and under the CPU
+    interpreter (its dot can't take 16-bit floats), "fp16" for FP8 caches (e4m3 -> fp16 is one packed
+    conversion per two values; e4m3 -> bf16 goes through fp32), else q's own dtype ("q")."""
+    if q_dtype == torch.float32 or device.type == "cpu":
+        return "fp32"
+    if is_fp8(cache_dtype):
+        return "fp16"
+    return "q"
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

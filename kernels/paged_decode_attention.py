@@ -26,9 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_float, cdiv, check_cache, dot_precision, is_fp8, kernel_for, next_pow2, num_sms
-
-LOG2E = 1.4426950408889634
+from ._common import (
+    LOG2E,
+    as_float,
+    cdiv,
+    check_cache,
+    compute_mode,
+    dot_precision,
+    is_fp8,
+    kernel_for,
+    next_pow2,
+    num_sms,
+)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -200,20 +209,12 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int)
     return max(1, min(want, cap, MAX_SPLITS))
 
 
-def _compute_mode(q_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device) -> str:
-    if q_dtype == torch.float32 or device.type == "cpu":
-        return "fp32"
-    if is_fp8(cache_dtype):
-        return "fp16"
-    return "q"
-
-
 def _default_config(device: torch.device, block_size: int, head_dim: int, cache_dtype: torch.dtype):
     """(BLOCK_N, num_warps, num_stages)."""
     if device.type != "cuda":
         return 32, 4, 1
     if is_fp8(cache_dtype):
-        return 64, 4, 3
+        return 128, 2, 2  # half the bytes per token: twice the tokens per tile
     return 64, 4, 3
 
 
@@ -316,7 +317,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(q.dtype),
-        COMPUTE=_compute or _compute_mode(q.dtype, k_cache.dtype, device),
+        COMPUTE=_compute or compute_mode(q.dtype, k_cache.dtype, device),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -23,10 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_float, check_cache, dot_precision, is_fp8, kernel_for, next_pow2
-from .paged_decode_attention import _compute_mode
-
-LOG2E = 1.4426950408889634
+from ._common import LOG2E, as_float, check_cache, compute_mode, dot_precision, is_fp8, kernel_for, next_pow2
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
@@ -177,7 +174,7 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
         return 32, 32, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
-    return 128, 64, 8, 3
+    return 256, 64, 8, 3
 
 
 def paged_prefill_attention(
@@ -268,7 +265,7 @@ def paged_prefill_attention(
         PAGE_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
-        COMPUTE=_compute_mode(q.dtype, k_cache.dtype, device),
+        COMPUTE=compute_mode(q.dtype, k_cache.dtype, device),
         num_warps=num_warps or d_nw,
         num_stages=num_stages or d_ns,
     )

@@ -15,9 +15,10 @@ _new = object.__new__
 _set = object.__setattr__
 
 
+# (the module globals are bound as default arguments: local lookups are measurably faster here)
 def _fast_scheduled(seq_id, num_tokens, block_updates, append_token_ids, sample, reset_block_table=None,
-                    fork_children=None):
-    o = _new(ScheduledSequence)
+                    fork_children=None, _new=_new, _set=_set, _cls=ScheduledSequence):
+    o = _new(_cls)
     _set(o, "__dict__", {
         "seq_id": seq_id,
         "num_tokens": num_tokens,
@@ -33,8 +34,9 @@ def _fast_scheduled(seq_id, num_tokens, block_updates, append_token_ids, sample,
     return o
 
 
-def _fast_seq_delta(index, token_ids, logprobs=None, top_logprobs=None, finish_reason=None, stop_reason=None):
-    o = _new(SequenceOutputDelta)
+def _fast_seq_delta(index, token_ids, logprobs=None, top_logprobs=None, finish_reason=None, stop_reason=None,
+                    _new=_new, _set=_set, _cls=SequenceOutputDelta):
+    o = _new(_cls)
     _set(o, "__dict__", {
         "index": index,
         "token_ids": token_ids,
@@ -50,8 +52,8 @@ def _fast_seq_delta(index, token_ids, logprobs=None, top_logprobs=None, finish_r
 
 
 def _fast_request_delta(request_id, outputs, prompt_logprobs, num_prompt_tokens, num_cached_tokens, finished,
-                        error=None):
-    o = _new(RequestOutputDelta)
+                        error=None, _new=_new, _set=_set, _cls=RequestOutputDelta):
+    o = _new(_cls)
     _set(o, "__dict__", {
         "version": 1,
         "request_id": request_id,

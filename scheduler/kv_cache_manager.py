@@ -74,7 +74,7 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     # ------------------------------------------------------------------ prefix cache
-    def find_cached_prefix(self, seq: Sequence) -> list[KVBlock]:
+    def find_cached_prefix(self, seq: Sequence, max_tokens: int | None = None) -> list[KVBlock]:
         """Longest chain of cached GPU blocks matching ``seq``'s leading full blocks (no side effects).
 
         At most ``(len - 1) // block_size`` blocks, so at least the last token is computed (the step
@@ -83,7 +83,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        max_blocks = (len(seq.token_ids) - 1) // bs
+        n = len(seq.token_ids) if max_tokens is None else min(max_tokens, len(seq.token_ids))
+        max_blocks = (n - 1) // bs
         cached = self.gpu.cached_blocks
         hits: list[KVBlock] = []
         hs = seq.block_hashes

@@ -184,6 +184,7 @@ class Scheduler:
         g.seqs.clear()
         g.live.clear()
         g.forked = True  # the completions exist already: no fork at the end of the prefill
+        g.needs_fork = False
         g.prompt_logprobs_done = True  # sent with the first tokens
         need = 0
         for i in range(n):
@@ -204,6 +205,7 @@ class Scheduler:
             g.status = _FINISHED
             raise ValueError(f"request {req.request_id!r}: " + ("nothing left to resume" if not g.live else
                              f"needs {need} KV blocks to resume but the GPU pool has {self.worker.num_gpu_blocks}"))
+        self._park(g)  # the completions share their prompt blocks again, as after a recompute preemption
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request. Its sequences are freed in the next plan and its final delta
@@ -213,8 +215,9 @@ class Scheduler:
             return False
         if g.use_beam_search or g.needs_fork:
             indices = list(range(g.sampling.n))
+            self._drop_parked(g, FinishReason.ABORT)
         else:
-            indices = [s.seq_index for s in g.live]
+            indices = sorted([s.seq_index for s in g.live] + self._drop_parked(g, FinishReason.ABORT))
         if g.status is _RUNNING:
             self.running.remove(g)
             self._num_running_seqs -= g.max_num_seqs
@@ -302,10 +305,33 @@ class Scheduler:
                 s.beam_candidates = None
                 s.status = SequenceStatus.WAITING
             g.pending_forks = []  # unregistered children are re-created as NewSequences
+            self._park(g)
             g.status = SequenceStatus.WAITING
             heapq.heappush(self.waiting, g)
             self.num_preemptions_recompute += 1
         return mode
+
+    @staticmethod
+    def _park(g: SequenceGroup) -> None:
+        """Recompute of a group with several sequences keeps their prompt sharing: only ``live[0]`` (the
+        root) is re-admitted and recomputes the prompt; the others are parked and forked from it when its
+        prompt is computed (``_regroup``), then each appends and recomputes its own generated tokens. So
+        the group never needs more blocks than it had before (n independent prompts might never fit)."""
+        if len(g.live) > 1 and all(len(s.token_ids) > g.prompt_len for s in g.live):
+            root = g.live[0]
+            root.compute_limit = g.prompt_len
+            g.parked = g.live[1:] + g.parked
+            g.live = [root]
+
+    def _drop_parked(self, g: SequenceGroup, reason: FinishReason) -> list[int]:
+        idx = []
+        for p in g.parked:
+            p.status = _FINISHED
+            p.finish_reason = reason
+            self.seqs.pop(p.seq_id, None)
+            idx.append(p.seq_index)
+        g.parked = []
+        return idx
 
     def _victim(self, step: int) -> SequenceGroup | None:
         """The running group last in queue order that is not scheduled in this step."""
@@ -320,8 +346,10 @@ class Scheduler:
         self.running.remove(g)
         self._num_running_seqs -= g.max_num_seqs
         outs = []
+        parked = list(g.parked)
+        self._drop_parked(g, _LENGTH)
         if g.use_beam_search:
-            for s in g.live:
+            for s in g.live + parked:
                 g.beam_completed.append((self._beam_score(g, s.token_ids, s.cumulative_logprob),
                                          list(s.token_ids), s.cumulative_logprob, _LENGTH))
             for s in list(g.live):
@@ -334,6 +362,7 @@ class Scheduler:
                 outs.append(make_seq_delta(s.seq_index, [], None, None, _LENGTH, None))
                 self._release_seq(s)
             g.live.clear()
+            outs += [make_seq_delta(p.seq_index, [], None, None, _LENGTH, None) for p in parked]
         g.status = _FINISHED
         del self.groups[g.request_id]
         self.num_finished += 1
@@ -367,6 +396,9 @@ class Scheduler:
         running = self.running
         allocate_slots = kv.allocate_slots
         tables = kv.tables
+        mk_sched = make_scheduled
+        sched_append = scheduled.append
+        record_append = record.append
 
         # ---- 1. running decodes, in queue order
         i = 0
@@ -377,7 +409,7 @@ class Scheduler:
             if len(live) == 1:
                 seq = live[0]
                 c = seq.num_computed_tokens
-                if len(seq.token_ids) - c != 1 or g.needs_fork:
+                if len(seq.token_ids) - c != 1 or g.needs_fork or g.parked:
                     continue  # prefilling: pass 2
                 blocks = tables[seq.seq_id].blocks
                 if c < len(blocks) * bs and blocks[c // bs].ref_cnt == 1:
@@ -402,12 +434,12 @@ class Scheduler:
                     seq.pending_append = []
                 else:
                     pa = []
-                scheduled.append(make_scheduled(seq.seq_id, 1, ups, pa, True))
-                record.append((seq, 1, True))
+                sched_append(mk_sched(seq.seq_id, 1, ups, pa, True))
+                record_append((seq, 1, True))
                 budget -= 1
             else:
-                work = [s for s in live if len(s.token_ids) > s.num_computed_tokens]
-                if not work or any(len(s.token_ids) - s.num_computed_tokens != 1 for s in work):
+                work = [s for s in live if s.num_uncomputed_tokens > 0]
+                if not work or any(s.num_uncomputed_tokens != 1 for s in work):
                     continue
                 if not self._make_room(g, [(s, 1) for s in work], step, swap_out):
                     self._give_up(g, swap_out)
@@ -434,7 +466,7 @@ class Scheduler:
             i += 1
             if g.scheduled_step == step:
                 continue
-            work = [s for s in g.live if len(s.token_ids) > s.num_computed_tokens]
+            work = [s for s in g.live if s.num_uncomputed_tokens > 0]
             if not work:
                 continue
             pairs = self._chunks(work, budget, chunked)
@@ -466,8 +498,10 @@ class Scheduler:
             g = gs if gw is None or (gs is not None and gs.key < gw.key) else gw
             if self._num_running_seqs + g.max_num_seqs > cfg.max_num_seqs:
                 break
+            # the watermark keeps room for the running groups to grow; with none running it would only block
+            wm = self._watermark_blocks if running else 0
             if g is gs:
-                work = [s for s in g.live if len(s.token_ids) > s.num_computed_tokens]
+                work = [s for s in g.live if s.num_uncomputed_tokens > 0]
                 if len(work) > budget:
                     break
                 # every resumed sequence gets an entry (it carries reset_block_table): at least a token each
@@ -476,7 +510,7 @@ class Scheduler:
                     break
                 # CPU tables mirror the group's sharing, so the step's need can be counted before the swap-in
                 need = kv.num_unique_blocks(g.live) + kv.num_blocks_needed(pairs)
-                if need > kv.gpu.num_free_blocks - self._watermark_blocks:
+                if need > kv.gpu.num_free_blocks - wm:
                     break
                 heapq.heappop(self.swapped)
                 swap_in.extend(kv.swap_in(g.live))
@@ -491,7 +525,7 @@ class Scheduler:
                     # the reset table already holds this step's new blocks: no block_updates
                     self._emit_chunk(g, s, k, [], kv.block_ids(s.seq_id), scheduled, record)
             else:
-                admitted = self._try_admit(g, budget, chunked)
+                admitted = self._try_admit(g, budget, chunked, wm)
                 if admitted is None:
                     break
                 heapq.heappop(self.waiting)
@@ -507,7 +541,8 @@ class Scheduler:
                     s.pending_append = []
                     new_seqs.append(NewSequence(
                         seq_id=s.seq_id, request_id=s.request_id, seq_index=s.seq_index, prompt_len=s.prompt_len,
-                        token_ids=list(s.token_ids), num_computed_tokens=s.num_computed_tokens,
+                        token_ids=s.token_ids[:s.compute_limit] if s.compute_limit is not None else list(s.token_ids),
+                        num_computed_tokens=s.num_computed_tokens,
                         block_table=kv.block_ids(s.seq_id), sampling=g.sampling, seed=g.seed))
                     s.registered = True
                     if k > 0:
@@ -542,7 +577,7 @@ class Scheduler:
             avail = budget - reserve
             if avail <= 0:
                 break
-            rem = len(s.token_ids) - s.num_computed_tokens
+            rem = s.num_uncomputed_tokens
             k = rem if rem <= avail else avail
             if k < rem and not chunked:
                 break
@@ -621,7 +656,7 @@ class Scheduler:
         for child in children:  # after the parent: update() advances them the same way
             record.append((child, k, True))
 
-    def _try_admit(self, g: SequenceGroup, budget: int, chunked: bool):
+    def _try_admit(self, g: SequenceGroup, budget: int, chunked: bool, watermark: int):
         """Admission plan for a waiting group: [(seq, prefix hit blocks, tokens to compute now)], or None
         when it does not fit (budget, blocks with the watermark kept free)."""
         kv = self.kv
@@ -631,9 +666,10 @@ class Scheduler:
         revived: set[int] = set()
         use_prefix = kv.enable_prefix_caching and not (g.want_prompt_logprobs and not g.prompt_logprobs_done)
         for s in g.live:
-            hits = kv.find_cached_prefix(s) if use_prefix else []
+            end = s.compute_limit if s.compute_limit is not None else len(s.token_ids)
+            hits = kv.find_cached_prefix(s, end) if use_prefix else []
             c = len(hits) * bs
-            rem = len(s.token_ids) - c
+            rem = end - c
             k = rem if rem <= budget else budget
             if k < rem and not chunked:
                 return None
@@ -647,7 +683,7 @@ class Scheduler:
             out.append((s, hits, k))
         if not out:
             return None
-        if kv.gpu.num_free_blocks - len(revived) - new_blocks < self._watermark_blocks:
+        if kv.gpu.num_free_blocks - len(revived) - new_blocks < watermark:
             return None
         return out
 
@@ -672,6 +708,8 @@ class Scheduler:
         max_len = self.max_model_len
         touched: list[SequenceGroup] = []
         beam_groups: list[SequenceGroup] = []
+        mk_seq_delta, mk_req_delta, deltas_append = make_seq_delta, make_request_delta, deltas.append
+        stop_reason_ok = self.eos_token_ids
         for seq, k, sample in record:
             if seq.status is _FINISHED:
                 continue  # aborted while the step ran
@@ -681,6 +719,8 @@ class Scheduler:
                 cache_blocks(seq)
             g = seq.group
             if not sample:
+                if g.parked and c == seq.compute_limit:
+                    self._regroup(g)
                 if g.want_prompt_logprobs and seq.seq_index == 0:
                     o = outs.get(seq.seq_id)
                     if o is not None and o.prompt_logprobs and not g.prompt_logprobs_done:
@@ -708,7 +748,7 @@ class Scheduler:
             fr = sr = None
             if tok in g.stop_ids and n_out >= g.min_tokens:
                 fr = _STOP
-                if tok in g.stop_token_ids and not (tok in self.eos_token_ids and not g.sampling.ignore_eos):
+                if tok in g.stop_token_ids and not (tok in stop_reason_ok and not g.sampling.ignore_eos):
                     sr = tok
             elif n_out >= g.max_tokens or len(toks) >= max_len:
                 fr = _LENGTH
@@ -716,13 +756,13 @@ class Scheduler:
                 lp = o.logprob
                 if lp is not None:
                     seq.cumulative_logprob += lp
-                sd = make_seq_delta(seq.seq_index, [tok], [lp], [o.top_logprobs or []] if g.want_top else None,
-                                    fr, sr)
+                sd = mk_seq_delta(seq.seq_index, [tok], [lp], [o.top_logprobs or []] if g.want_top else None,
+                                  fr, sr)
             else:
-                sd = make_seq_delta(seq.seq_index, [tok], None, None, fr, sr)
+                sd = mk_seq_delta(seq.seq_index, [tok], None, None, fr, sr)
             if g.single:
-                deltas.append(make_request_delta(g.request_id, [sd], None, g.prompt_len, g.num_cached_tokens,
-                                                 fr is not None))
+                deltas_append(mk_req_delta(g.request_id, [sd], None, g.prompt_len, g.num_cached_tokens,
+                                           fr is not None))
             else:
                 buf = g.delta_buf
                 if not buf:
@@ -747,6 +787,29 @@ class Scheduler:
             self.running = [g for g in self.running if g.status is _RUNNING]
             self._running_dirty = False
         return deltas
+
+    def _regroup(self, g: SequenceGroup) -> None:
+        """The root of a recomputed forked group has its prompt again: fork the parked sequences from it.
+
+        Each (root included) then appends its own generated tokens (append_token_ids) and computes them;
+        the first write into the shared partial prompt block copies it, as after the original fork.
+        """
+        root = g.live[0]
+        root.compute_limit = None
+        plen = g.prompt_len
+        root.pending_append = root.token_ids[plen:]
+        for p in g.parked:
+            p.num_computed_tokens = root.num_computed_tokens
+            self.kv.fork(root, p)
+            p.num_cached_blocks = root.num_cached_blocks
+            p.status = _RUNNING
+            p.pending_append = p.token_ids[plen:]
+            p.beam_candidates = None
+            self.seqs[p.seq_id] = p
+            g.pending_forks.append(ForkSequence(parent_seq_id=root.seq_id, child_seq_id=p.seq_id,
+                                                seq_index=p.seq_index))
+            g.live.append(p)
+        g.parked = []
 
     def _finish_seq(self, seq: Sequence, reason: FinishReason, stop_reason) -> None:
         seq.finish_reason = reason
@@ -777,7 +840,8 @@ class Scheduler:
             if g.status is _RUNNING:
                 self.running.remove(g)
                 self._num_running_seqs -= g.max_num_seqs
-            outs = [make_seq_delta(s.seq_index, [], None, None, FinishReason.ERROR, None) for s in g.live]
+            idx = [s.seq_index for s in g.live] + self._drop_parked(g, FinishReason.ERROR)
+            outs = [make_seq_delta(i, [], None, None, FinishReason.ERROR, None) for i in sorted(idx)]
             for s in list(g.live):
                 s.finish_reason = FinishReason.ERROR
                 self._release_seq(s)
@@ -901,8 +965,10 @@ class Scheduler:
             "cpu_blocks_free": cpu.num_free_blocks,
             "cpu_blocks_used": c_used,
             "cpu_blocks_shared": cpu.num_shared_blocks(),
+            "cpu_blocks_cached": 0,
             "cpu_usage": c_used / cpu.num_blocks if cpu.num_blocks else 0.0,
             "block_size": self.block_size,
+            "kv_block_bytes": self.worker.kv_block_bytes,
             "kv_slots_allocated": allocated,
             "kv_slots_filled": filled,
             "kv_waste_tokens": allocated - filled,
@@ -975,4 +1041,8 @@ class Scheduler:
             if g.status is SequenceStatus.WAITING:
                 for s in g.live:
                     assert self.kv.get_table(s.seq_id) is None
+        for g in self.groups.values():
+            for p in g.parked:
+                assert self.kv.get_table(p.seq_id) is None and not p.registered
+                assert g.live and g.live[0].compute_limit is not None
         assert self._num_running_seqs == sum(g.max_num_seqs for g in self.running)

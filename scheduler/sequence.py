@@ -56,6 +56,7 @@ class Sequence:
         "beam_candidates",
         "finish_reason",
         "stop_reason",
+        "compute_limit",
     )
 
     def __init__(self, seq_id: int, request_id: str, token_ids: list[int], prompt_len: int, seq_index: int = 0,
@@ -77,6 +78,8 @@ class Sequence:
         self.beam_candidates: list[TokenLogprob] | None = None
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
+        # recompute of a forked group: the root computes only its prompt before the others fork from it
+        self.compute_limit: int | None = None
 
     # ------------------------------------------------------------------ lengths
     @property
@@ -93,7 +96,9 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens to compute before the next sample (or before the group re-forks, see compute_limit)."""
+        end = self.compute_limit if self.compute_limit is not None else len(self.token_ids)
+        return end - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -143,7 +148,8 @@ class SequenceGroup:
         else:
             self.key = (0, request.arrival_time, arrival_seq)
         self.seqs: list[Sequence] = []  # every sequence ever created, by creation
-        self.live: list[Sequence] = []  # unfinished sequences
+        self.live: list[Sequence] = []  # unfinished sequences that have (or will get at admission) a block table
+        self.parked: list[Sequence] = []  # recompute of a forked group: forked again from live[0] after its prompt
         self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0  # prefix-cache hit of the first admission
         self.first_admitted = False

@@ -95,6 +95,8 @@ class SchedulerService:
         self._tasks: list[asyncio.Task] = []
         self._have_worker = asyncio.Event()
         self._last_trim = 0.0
+        self._expected_workers: set[str] = set()
+        self.started_at = time.time()
 
     # ================================================================================ setup
     def scheduler_config(self, info):
@@ -162,6 +164,7 @@ class SchedulerService:
         while not self.stopping.is_set():
             try:
                 await self.check_workers()
+                await self.place_orphans()
                 now = time.monotonic()
                 if now - last_poll > 2.0:
                     last_poll = now
@@ -215,10 +218,19 @@ class SchedulerService:
                  reg.info.num_gpu_blocks, reg.info.num_cpu_blocks, reg.info.max_model_len)
         h.task = asyncio.create_task(self.worker_loop(h), name=f"worker-{h.wid}")
         self._have_worker.set()
-        if self.orphans:
-            orphans, self.orphans = self.orphans, []
-            for st in orphans:
-                await self.place(st, resume=True)
+        await self.place_orphans()
+
+    async def place_orphans(self) -> None:
+        """Place requests that wait for a worker. Right after a restart, wait (a few seconds at most) for the
+        workers that were there before to come back, so the requests spread over all of them."""
+        if not self.orphans or not self.workers:
+            return
+        missing = self._expected_workers - set(self.workers)
+        if missing and time.time() < self.started_at + self.args.rejoin_grace:
+            return
+        orphans, self.orphans = self.orphans, []
+        for st in orphans:
+            await self.place(st, resume=True)
 
     async def declare_dead(self, h: WorkerHandle, why: str) -> None:
         if h.dead:
@@ -363,13 +375,24 @@ class SchedulerService:
                 backlog = False
                 continue
             for entry_id, fields in entries:
-                await self.handle_request_entry(entry_id, fields)
+                deliveries = 1
+                if backlog:  # delivered before (to us, before a restart): maybe it is what killed us
+                    info = await self.r.xpending_range(S.REQUESTS, S.SCHEDULER_GROUP, min=entry_id, max=entry_id,
+                                                       count=1)
+                    deliveries = int(info[0]["times_delivered"]) if info else 1
+                await self.handle_request_entry(entry_id, fields, deliveries)
 
-    async def handle_request_entry(self, entry_id: str, fields: dict) -> None:
+    async def handle_request_entry(self, entry_id: str, fields: dict, deliveries: int = 1) -> None:
         try:
             cmd = S.decode(fields, S.RequestCommand)
         except Exception as e:
             await self.dead_letter(S.REQUESTS, entry_id, fields, f"malformed request entry: {e}")
+            return
+        total = cmd.deliveries + deliveries
+        if total > self.args.max_deliveries and cmd.op == "add" and cmd.request_id not in self.requests:
+            await self.dead_letter(S.REQUESTS, entry_id, fields,
+                                   f"request {cmd.request_id} was delivered {total} times without being processed; "
+                                   f"moved to the dead-letter stream", cmd.request_id, total, cmd.job_id)
             return
         if cmd.op == "abort":
             await self.abort(cmd.request_id, cmd.reason or "aborted")
@@ -448,7 +471,7 @@ class SchedulerService:
                 S.set_job_status(p, st.job_id, status, delta.error)
 
     async def dead_letter(self, stream: str, entry_id: str, fields: dict, reason: str,
-                          request_id: str | None = None, deliveries: int = 1) -> None:
+                          request_id: str | None = None, deliveries: int = 1, job_id: str | None = None) -> None:
         dl = S.DeadLetter(stream=stream, group=S.SCHEDULER_GROUP, entry_id=entry_id, deliveries=deliveries,
                           payload=S.raw_payload(fields), reason=reason)
         log.error("dead-lettering %s %s: %s", stream, entry_id, reason)
@@ -458,6 +481,8 @@ class SchedulerService:
             if request_id:
                 delta = RequestOutputDelta(request_id=request_id, finished=True, error=reason)
                 self._publish(p, delta, None)
+                if job_id:
+                    S.set_job_status(p, job_id, S.JobStatus.FAILED, reason)
             await p.execute()
         if self.metrics is not None:
             self.metrics.inc_dead_lettered(stream)
@@ -606,6 +631,20 @@ class SchedulerService:
             h.requests.discard(st.request_id)
 
     # ================================================================================ recovery
+    async def bounce_workers(self) -> None:
+        """Workers registered before this scheduler started hold sequences of a previous scheduler: remove
+        their registrations; they notice, drop every sequence and register again as new incarnations."""
+        cad = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
+        for wid, v in (await self.r.hgetall(S.WORKERS)).items():
+            try:
+                reg = S.WorkerRegistration.model_validate_json(v)
+            except Exception:
+                reg = None
+            if reg is None or reg.registered_at < self.started_at:
+                await self.r.eval(cad, 1, S.WORKERS, wid, v)
+                self._expected_workers.add(wid)
+                log.info("worker %s predates this scheduler: asked it to register again", wid)
+
     async def recover_active(self) -> None:
         """Requests a previous scheduler accepted and did not finish: resume them (from their outputs)."""
         raw = await self.r.hgetall(S.ACTIVE)
@@ -644,6 +683,14 @@ class SchedulerService:
                 for wid in list(self.workers):
                     streams[S.plan_stream(wid)] = S.WORKER_GROUP
                 self.metrics.poll_redis_streams(r, streams)
+                # counts kept by Celery housekeeping (another process): totals in a hash
+                for k, v in (r.hgetall(S.PREFIX + "housekeeping:stats") or {}).items():
+                    kind, _, rest = k.partition(":")
+                    if kind == "reclaimed" and rest.count(":") >= 1:
+                        stream, _, group = rest.rpartition(":")
+                        self.metrics.update_queue_totals(stream, group, reclaimed_total=float(v))
+                    elif kind == "dead" and rest:
+                        self.metrics.update_queue_totals(rest, dead_lettered_total=float(v))
             now = time.monotonic()
             if now - self._last_trim > 10:
                 self._last_trim = now
@@ -730,6 +777,8 @@ class SchedulerService:
     async def run(self) -> None:
         await self.connect()
         await self.acquire_lease()
+        self.started_at = time.time()
+        await self.bounce_workers()
         await self.recover_active()
         tasks = [
             asyncio.create_task(self.lease_loop(), name="lease"),
@@ -785,9 +834,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--monitor-interval", type=float, default=0.25, help="seconds between liveness checks")
     p.add_argument("--max-resumes", type=int, default=3, help="a request that loses more workers fails")
+    p.add_argument("--max-deliveries", type=int, default=int(env("PAGEDFLEET_MAX_DELIVERIES", "5")),
+                   help="a request entry delivered more often (the scheduler kept dying on it) is dead-lettered")
     p.add_argument("--output-ttl", type=float, default=float(env("PAGEDFLEET_OUTPUT_TTL_S", "600")))
     p.add_argument("--job-ttl", type=float, default=float(env("PAGEDFLEET_JOB_TTL", "86400")))
     p.add_argument("--lease-ttl", type=float, default=5.0)
+    p.add_argument("--rejoin-grace", type=float, default=5.0,
+                   help="after a restart, seconds to wait for the known workers before placing requests")
     p.add_argument("--no-track-preemption", dest="track_preemption", action="store_false")
     p.add_argument("--log-level", default="INFO")
     return p

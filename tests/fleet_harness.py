@@ -107,8 +107,7 @@ class Fleet:
         self.env.update(env or {})
         self.model_dir = self._model_dir()
         try:
-            self.start("scheduler", [PY, "-m", "scheduler.service", "--http-port", str(self.scheduler_port),
-                                     "--http-host", "127.0.0.1", "--max-model-len", str(max_model_len)])
+            self.start_scheduler()
             for i in range(num_workers):
                 self.start_worker(i)
             self.start_gateway()
@@ -145,6 +144,11 @@ class Fleet:
         f.close()
         self.procs[name] = proc
         return proc
+
+    def start_scheduler(self) -> subprocess.Popen:
+        return self.start("scheduler", [PY, "-m", "scheduler.service", "--http-port", str(self.scheduler_port),
+                                        "--http-host", "127.0.0.1", "--max-model-len", str(self.max_model_len),
+                                        "--lease-ttl", "2"])
 
     def start_worker(self, i: int) -> subprocess.Popen:
         return self.start(f"worker{i}", [PY, "-m", "gpu_worker.service", "--worker-id", f"worker{i}", "--device", "cpu",

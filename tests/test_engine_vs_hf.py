@@ -41,7 +41,7 @@ def _prompts(tokenizer) -> list[list[int]]:
     system = {"role": "system", "content": "You are a concise assistant. " + _PARAGRAPH}
     for i, topic in enumerate(_TOPICS):
         # raw prompts: lengths grow from a few tokens to ~600
-        body = "Tell me about " + topic + "." if i == 0 else _PARAGRAPH * (i * 3) + "In short, " + topic + " is"
+        body = "Tell me about " + topic + "." if i == 0 else _PARAGRAPH * (i + 3) + "In short, " + topic + " is"
         if i == 1:
             body = "The capital of France is"
         prompts.append(tokenizer.encode(body))
@@ -65,14 +65,25 @@ def engine_files():
 def prompts(engine_files):
     p = _prompts(engine_files[1])
     lens = sorted(len(x) for x in p)
-    assert len(p) == 20 and lens[0] <= 8 and lens[-1] >= 550, lens
+    assert len(p) == 20 and lens[0] <= 8 and 550 <= lens[-1] <= 600, lens
     return p
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(prompts):
-    """HF transformers' greedy continuation of every prompt, one at a time (no padding effects)."""
+def hf_greedy(prompts, request):
+    """HF transformers' greedy continuation of every prompt, one at a time (no padding effects).
+
+    Kept in pytest's cache keyed by the prompts and the transformers version, so local reruns are fast.
+    """
+    import hashlib
     import importlib.metadata as md
+
+    key = "pagedfleet/hf_greedy/" + hashlib.sha256(
+        repr((prompts, MAX_NEW, md.version("transformers"))).encode()
+    ).hexdigest()[:16]
+    cached = request.config.cache.get(key, None)
+    if cached is not None:
+        return cached
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -87,6 +98,7 @@ def hf_greedy(prompts):
             x = torch.tensor([ids])
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False)
             outs.append(y[0, len(ids):].tolist())
+    request.config.cache.set(key, outs)
     return outs
 
 
@@ -106,7 +118,7 @@ def _assert_same(ours, theirs):
 def test_greedy_matches_hf_with_chunked_prefill_and_prefix_cache(prompts, hf_greedy):
     # A small token budget forces the long prompts through several prefill chunks that share steps
     # with other sequences' decodes; the shared system prompt gives prefix-cache hits.
-    llm, ours, outs = _run(prompts, max_num_batched_tokens=128, enable_chunked_prefill=True, enable_prefix_caching=True)
+    llm, ours, outs = _run(prompts, max_num_batched_tokens=128, max_num_seqs=64, enable_chunked_prefill=True, enable_prefix_caching=True)
     _assert_same(ours, hf_greedy)
     assert sum(o.num_cached_tokens for o in outs) > 0, "the shared system prompt should hit the prefix cache"
 

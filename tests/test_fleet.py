@@ -215,6 +215,23 @@ def _wait_job(fleet, job_id, statuses, timeout=60):
     raise TimeoutError(f"job {job_id} still {j['status']}")
 
 
+def _wait_tokens(fleet, n_streams: int, n_entries: int = 3, timeout: float = 60) -> None:
+    """Until `n_streams` output streams have `n_entries` deltas (their requests are generating)."""
+    r = fleet.redis.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [k for k in r.scan_iter("pf:out:cmpl-*") if not _finished(r, k) and r.xlen(k) >= n_entries]
+        if len(busy) >= n_streams:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("requests did not start generating")
+
+
+def _finished(r, key) -> bool:
+    last = r.xrevrange(key, count=1)
+    return bool(last) and json.loads(last[0][1]["m"])["finished"]
+
+
 def _used_blocks(fleet) -> int:
     return sum(s["gpu_blocks_used"] for s in fleet.stats()["workers"].values())
 
@@ -293,21 +310,34 @@ def test_jobs_survive_a_gateway_restart(fleet, llm):
     assert finished["result"]["choices"][0]["text"] == want.text
 
 
+def test_scheduler_restart_resumes_accepted_requests(fleet, client, llm):
+    """SIGKILL the scheduler mid-generation and start a new one: it resumes every accepted request from
+    the tokens in its output stream; the clients' responses are those of a run without the crash."""
+    _wait_blocks_free(fleet)
+    prompts = PROMPTS[:4]
+    want = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        futs = [ex.submit(client.completions.create, model=MODEL, prompt=p, max_tokens=24, temperature=0,
+                          extra_body={"ignore_eos": True}) for p in prompts]
+        _wait_tokens(fleet, len(prompts))
+        fleet.kill("scheduler")
+        fleet.start_scheduler()
+        got = [f.result(timeout=180) for f in futs]
+    for g, w in zip(got, want):
+        assert g.choices[0].text == w.outputs[0].text
+    fleet.wait_ready(2)
+
+
 def test_sigkill_a_worker_mid_generation(fleet, client, llm):
     """Every request completes, and greedy outputs equal a run without the kill."""
     _wait_blocks_free(fleet)
-    prompts = PROMPTS + [p + " And" for p in PROMPTS[:2]]
-    want = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+    prompts = PROMPTS
+    want = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     with ThreadPoolExecutor(len(prompts)) as ex:
-        futs = [ex.submit(client.completions.create, model=MODEL, prompt=p, max_tokens=48, temperature=0,
+        futs = [ex.submit(client.completions.create, model=MODEL, prompt=p, max_tokens=24, temperature=0,
                           extra_body={"ignore_eos": True}) for p in prompts]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait until both workers are generating
-            wr = fleet.stats()["worker_requests"]
-            if all(len(v) >= 2 for v in wr.values()) and len(wr) == 2 and _used_blocks(fleet) > 0:
-                break
-            time.sleep(0.05)
-        time.sleep(0.5)
+        _wait_tokens(fleet, len(prompts))  # every request is generating
+        assert all(len(v) >= 1 for v in fleet.stats()["worker_requests"].values())
         fleet.kill("worker1")
         got = [f.result(timeout=180) for f in futs]
     for g, w in zip(got, want):

@@ -292,10 +292,10 @@ def test_preemption_modes_plan_and_outputs(mode):
         assert st["swap_out_blocks"] == st["swap_in_blocks"] > 0
     else:
         assert st["preemptions_recompute"] > 0 and st["preemptions_swap"] == 0
-        i = next(i for i, p in enumerate(plans) if p.freed_seq_ids and any(
-            sid in s.seqs or True for sid in p.freed_seq_ids))
-        freed = set(plans[i].freed_seq_ids)
-        readmit = [ns for p in plans[i:] for ns in p.new_sequences if ns.seq_id in freed]
+        freed, readmit = set(), []
+        for p in plans:
+            freed.update(p.freed_seq_ids)
+            readmit += [ns for ns in p.new_sequences if ns.seq_id in freed]
         assert readmit, "a recompute-preempted sequence comes back as a NewSequence"
         ns = readmit[0]
         assert len(ns.token_ids) > ns.prompt_len == 12  # prompt + generated tokens
@@ -316,18 +316,21 @@ def test_swap_falls_back_to_recompute_without_cpu_blocks():
 
 def test_preempts_latest_arrival_and_it_keeps_its_place():
     s, w = make(blocks=16, cpu=0, max_num_seqs=4)
-    w.keep_plans = True
     for r in _pressure_requests():
         s.add_request(r)
     s.add_request(req("late", prompt(4, 900), max_tokens=2))
-    order = []
-    drive(s, w, on_step=lambda p, ds: order.extend(d.request_id for d in ds if d.finished))
-    first_freed = next(p for p in w.plans if p.freed_seq_ids and not any(d for d in []))
-    # the first victim is the latest-arrived running request (r3), not an earlier one
-    seq_req = {ns.seq_id: ns.request_id for p in w.plans for ns in p.new_sequences}
-    assert seq_req[first_freed.freed_seq_ids[0]] == "r3"
+    seq_req, victims, admits = {}, [], []
+
+    def on_step(plan, deltas):
+        for ns in plan.new_sequences:
+            seq_req[ns.seq_id] = ns.request_id
+            admits.append(ns.request_id)
+        if s.num_preemptions_recompute > len(victims):
+            victims.append(seq_req[plan.freed_seq_ids[-1]])
+
+    drive(s, w, on_step=on_step)
+    assert victims and victims[0] == "r3"  # the latest-arrived running request, not an earlier one
     # the preempted request is re-admitted before the waiting one that arrived after it
-    admits = [ns.request_id for p in w.plans for ns in p.new_sequences]
     assert admits.index("late") > [i for i, r in enumerate(admits) if r == "r3"][1]
 
 
@@ -346,13 +349,17 @@ def test_priority_policy_order_and_victim():
     assert f.schedule().new_sequences[0].request_id == "low"
     # under pressure the lowest-priority running group is preempted first
     p, w = make(blocks=16, cpu=0, max_num_seqs=4, policy="priority")
-    w.keep_plans = True
     for i, pr in enumerate([3, 0, 9, 1]):
         p.add_request(req(f"p{pr}", prompt(12, 100 * i), priority=pr, max_tokens=20, seed=i))
-    drive(p, w)
-    seq_req = {ns.seq_id: ns.request_id for pl in w.plans for ns in pl.new_sequences}
-    first = next(pl for pl in w.plans if pl.freed_seq_ids)
-    assert seq_req[first.freed_seq_ids[0]] == "p9"
+    seq_req, victims = {}, []
+
+    def on_step(plan, deltas):
+        seq_req.update({ns.seq_id: ns.request_id for ns in plan.new_sequences})
+        if p.num_preemptions_recompute > len(victims):
+            victims.append(seq_req[plan.freed_seq_ids[-1]])
+
+    drive(p, w, on_step=on_step)
+    assert victims[0] == "p9"
 
 
 def test_auto_mode_cost_model():
@@ -522,3 +529,31 @@ def test_schedule_update_cost_256_decodes():
         times.append(t1 - t0 + time.perf_counter() - t2)
         assert len(plan.scheduled) == 256
     assert min(times) < 0.02 and statistics.median(times) < 0.05
+
+
+def test_resume_request_continues_the_same_output():
+    """resume_request (a worker died; the fleet re-adds the request with what it generated) continues
+    every completion exactly where it stopped; the completions share their prompt blocks again."""
+    r = req("a", prompt(10), n=3, max_tokens=12, seed=7)
+    ref = _reference([r])["a"]
+    s, w = make()
+    s.resume_request(r, [ref[0][:4], ref[1][:5], ref[2][:12]], finished_indices=[2])
+    plan = s.schedule()
+    assert [ns.seq_index for ns in plan.new_sequences] == [0]  # one root recomputes the prompt
+    assert len(plan.new_sequences[0].token_ids) == 10
+    s.update(w.execute(plan))
+    toks, reasons, _ = drive(s, w)
+    assert toks["a"][0] == ref[0][4:] and toks["a"][1] == ref[1][5:] and 2 not in toks["a"]
+    assert s.kv.gpu.num_used_blocks == 0
+
+
+def test_swapped_group_needing_almost_the_whole_pool_resumes():
+    """The admission watermark must not block a swapped group that needs (nearly) every block when nothing
+    else runs."""
+    s, w = make(blocks=200, cpu=200, max_len=1024, preemption_mode="swap", max_num_batched_tokens=256,
+                watermark=0.1)
+    s.add_request(req("small", prompt(40, 900), max_tokens=200, seed=2))
+    s.add_request(req("big", prompt(700), max_tokens=100, seed=1))
+    toks, reasons, _ = drive(s, w)
+    assert len(toks["big"][0]) == 100 and len(toks["small"][0]) == 200
+    assert s.stats()["preemptions_swap"] >= 1

@@ -33,7 +33,8 @@ class _Group:
 @dataclass
 class _StepState:
     groups: list[_Group]
-    blk: torch.Tensor  # [num_tokens] block of each new token (valid tokens only)
+    slots: torch.Tensor  # [num_tokens] flat slot of each new token (padding clamped to 0, see valid)
+    blk: torch.Tensor  # [num_tokens] block of each new token
     off: torch.Tensor  # [num_tokens] offset in the block
     valid: torch.Tensor | None  # [num_tokens] bool when some slots are -1 (padding), else None
 
@@ -72,7 +73,7 @@ class TorchAttentionBackend(AttentionBackend):
         if slots.numel() and bool((slots < 0).any()):
             valid = slots >= 0
             slots = slots.clamp_min(0)
-        meta.extras["torch"] = _StepState(groups=groups, blk=slots // bs, off=slots % bs, valid=valid)
+        meta.extras["torch"] = _StepState(groups=groups, slots=slots, blk=slots // bs, off=slots % bs, valid=valid)
 
     @staticmethod
     def _group(idx, q, L, bt, qsl, bs, dev, whole: bool) -> _Group:
@@ -132,8 +133,16 @@ class TorchAttentionBackend(AttentionBackend):
         if _is_fp8(k_cache):
             key = (key.float() / k_scale).to(k_cache.dtype)
             value = (value.float() / v_scale).to(v_cache.dtype)
-        k_cache[blk, off] = key.to(k_cache.dtype)
-        v_cache[blk, off] = value.to(v_cache.dtype)
+        for cache, x in ((k_cache, key), (v_cache, value)):
+            x = x.to(cache.dtype)
+            if cache.is_contiguous():  # one index_copy over flat slots
+                slots = st.slots if st.valid is None else st.slots[st.valid]
+                flat = cache.view(-1, *cache.shape[2:])
+                if _is_fp8(cache):  # no fp8 index_copy on CPU: copy the bytes
+                    flat, x = flat.view(torch.uint8), x.contiguous().view(torch.uint8)
+                flat.index_copy_(0, slots, x)
+            else:
+                cache[blk, off] = x
 
     def forward(self, query, k_cache, v_cache, meta, scale, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
         st = self._state(meta)

@@ -16,7 +16,7 @@ from torch import nn
 
 from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
-from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul
+from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, layer_idx: int, rotary: RotaryEmbedding, **kw):
+    def __init__(self, a: LlamaArgs, layer_idx: int, **kw):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -69,18 +69,17 @@ class LlamaAttention(nn.Module):
         self.scale = a.head_dim ** -0.5
         self.qkv_proj = Linear(a.hidden_size, self.q_size + 2 * self.kv_size, **kw)
         self.o_proj = Linear(self.q_size, a.hidden_size, **kw)
-        self.rotary = rotary  # shared, not a submodule of each layer
         self.k_scale = 1.0
         self.v_scale = 1.0
 
-    def forward(self, positions, x, kv_cache, meta, backend: AttentionBackend):
+    def forward(self, rope, x, kv_cache, meta, backend: AttentionBackend):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # rotate q and k together (one set of kernels): [T, Hq + Hkv, D] view of the fused projection
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, nq + nkv, d), *rope)
+        q, k = qk[:, :nq], qk[:, nq:]  # strided views, last dim contiguous
+        v = qkv[:, self.q_size + self.kv_size:].view(T, nkv, d)
         k_cache, v_cache = kv_cache[self.layer_idx, 0], kv_cache[self.layer_idx, 1]
         backend.write_kv(k, v, k_cache, v_cache, meta, self.k_scale, self.v_scale)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
@@ -99,20 +98,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, layer_idx: int, rotary: RotaryEmbedding, **kw):
+    def __init__(self, a: LlamaArgs, layer_idx: int, **kw):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
-        self.self_attn = LlamaAttention(a, layer_idx, rotary, **kw)
+        self.self_attn = LlamaAttention(a, layer_idx, **kw)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(a, **kw)
 
-    def forward(self, positions, x, residual, kv_cache, meta, backend):
+    def forward(self, rope, x, residual, kv_cache, meta, backend):
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, meta, backend)
+        h = self.self_attn(rope, h, kv_cache, meta, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -121,17 +120,17 @@ class LlamaModel(nn.Module):
     def __init__(self, a: LlamaArgs, max_positions: int, **kw):
         super().__init__()
         self.embed_tokens = Embedding(a.vocab_size, a.hidden_size, **kw)
-        rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling,
-                                 device=kw.get("device"), dtype=kw.get("dtype") or torch.float32)
-        self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, rotary, **kw) for i in range(a.num_layers))
+        self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling,
+                                      device=kw.get("device"), dtype=kw.get("dtype") or torch.float32)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, **kw) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
 
     def forward(self, input_ids, positions, kv_cache, meta, backend):
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions)  # once per step
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, kv_cache, meta, backend)
+            x, residual = layer(rope, x, residual, kv_cache, meta, backend)
         x, _ = self.norm(x, residual)
         return x
 
