@@ -326,6 +326,10 @@ class ModelRunner:
             self._prompt_logprobs(logits, plp, plp_entries, states, starts, qlens, out_by_entry)
         if sample_entries:
             self._sample(logits[: len(sample_entries)], sample_entries, entries, states, out_by_entry)
+        for i, e in enumerate(entries):  # children of an entry that samples nothing are only cloned
+            if e.fork_children and not e.sample:
+                for fc in e.fork_children:
+                    self._fork(e.seq_id, fc.child_seq_id, fc.seq_index)
         res: list[SequenceOutput] = []
         for i in sorted(out_by_entry):
             o = out_by_entry[i]
@@ -359,13 +363,11 @@ class ModelRunner:
         reqs: list[SampleRequest] = []
         row_of: list[int] = []
         owners: list[tuple[int, SeqState]] = []  # (entry index, state that receives the token)
-        need_tokens = False
         for r, i in enumerate(sample_entries):
             s = states[i]
             e = entries[i]
             p = s.sampling
             pen = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            need_tokens |= pen
             opos = len(s.token_ids) - s.prompt_len
             reqs.append(SampleRequest(p, s.seed, s.seq_index, opos, s.token_ids if pen else (), s.prompt_len))
             row_of.append(r)

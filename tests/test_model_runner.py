@@ -89,12 +89,12 @@ def _hf_generate(hf, ids, n, **kw):
 
 def test_greedy_chunked_prefill_and_decode_match_hf_generate(smollm2_runner, hf_smollm2, prompts):
     d = Driver(smollm2_runner, chunk=16)
-    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     for i, ids in enumerate(prompts):
         d.add(i, ids, greedy)
     got = d.run()
     for i, ids in enumerate(prompts):
-        ref = _hf_generate(hf_smollm2, ids, 12)
+        ref = _hf_generate(hf_smollm2, ids, 8)
         assert got[i][: len(ref)] == ref, i
 
 
@@ -190,6 +190,26 @@ def test_block_copy_and_swap_preserve_kv_and_generation(smollm2_runner, prompts)
     for step in range(4, 9):
         sched = ScheduledSequence(seq_id=5, num_tokens=1, reset_block_table=new_table if step == 4 else None)
         out.append(r.execute(StepPlan(step_id=step, scheduled=[sched])).outputs[0].token_id)
+    assert out == expected
+
+
+def test_prefix_cache_hit_computes_only_the_rest(smollm2_runner, prompts):
+    r = smollm2_runner
+    ids = prompts[2]
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    d = Driver(r, chunk=64)
+    d.add(0, ids, greedy)
+    expected = d.run()[0]
+    hit = (len(ids) // 16) * 16
+    assert hit >= 32
+    table = r.seqs[0].block_table[: hit // 16] + [200, 201]  # the full prompt blocks are shared
+    res = r.execute(StepPlan(step_id=50, new_sequences=[NewSequence(
+        seq_id=1, request_id="p", prompt_len=len(ids), token_ids=ids, num_computed_tokens=hit,
+        block_table=table, sampling=greedy, seed=0)], scheduled=[ScheduledSequence(seq_id=1, num_tokens=len(ids) - hit)]))
+    out = [res.outputs[0].token_id]
+    for step in (51, 52):
+        out.append(r.execute(StepPlan(step_id=step, scheduled=[ScheduledSequence(seq_id=1, num_tokens=1)]))
+                   .outputs[0].token_id)
     assert out == expected
 
 

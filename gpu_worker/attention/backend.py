@@ -32,7 +32,10 @@ class AttentionBackend:
 
 def _triton_importable() -> bool:
     try:
+        import triton  # noqa: F401
+
         import gpu_worker.attention.triton_backend  # noqa: F401
+        import kernels  # noqa: F401
     except Exception:
         return False
     return True

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    reqs = [(list(r.prompt_token_ids), r.sampling.max_tokens) for r in cpu32()]
+    reqs = [(list(r.prompt_token_ids), r.sampling.max_tokens) for r in cpu32().requests]
     result = {"workload": "cpu32", "requests": len(reqs), "threads": torch.get_num_threads(),
               "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__}
     tok, dt, _ = _ours(reqs)

@@ -1,6 +1,6 @@
 """Check and time the Triton kernels of `kernels/` on a CUDA GPU.
 
-    PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR [--sweep] [--no-bench] [--no-flex]
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --out DIR [--sweep] [--no-bench] [--no-flex]
 
 1. checks every kernel against its reference on the GPU (fp32, bf16, FP8 caches, ragged lengths, garbage
    block-table entries, NaN-poisoned outputs), that a decode step captures in a CUDA graph and that the
@@ -540,7 +540,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                triton=triton.__version__, cuda=torch.version.cuda, date="2026-11-22",
-               command="PYTHONUNBUFFERED=1 python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+               command="PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py " + " ".join(sys.argv[1:]))
     log(json.dumps(env))
     result = dict(env=env)
     if not args.no_check:

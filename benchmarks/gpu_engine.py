@@ -1,0 +1,122 @@
+"""The engine on a GPU: the Triton backend against the torch backend, then throughput on workload 'mixed'.
+
+1. Correctness: random weights of a named shape (default Llama-3-8B), float32, a short greedy run with
+   each attention backend: the tokens must be identical and the top-5 logprobs close.
+2. Throughput: workload 'mixed' (256 requests, pagedfleet.bench.workloads) through the offline engine
+   with the Triton backend in bfloat16; prints output tokens/s.
+
+    python benchmarks/gpu_engine.py [--model random:llama-3-8b] [--device cuda] [--skip-throughput]
+Prints one JSON line per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+
+import torch
+
+from protocol import SamplingParams
+from pagedfleet.engine import EngineConfig, LLMEngine
+
+
+def _engine(model, device, dtype, backend, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, attention_backend=backend, **kw))
+
+
+def _free(engine) -> None:
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def correctness(model: str, device: str, dtype: str, num_blocks: int) -> dict:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 500) for _ in range(n)] for n in (1, 17, 100, 333)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+    runs = {}
+    for backend in ("torch", "triton"):
+        eng = _engine(model, device, dtype, backend, num_gpu_blocks=num_blocks, max_model_len=2048,
+                      max_num_batched_tokens=256, max_num_seqs=64)
+        for p in prompts:
+            eng.add_request(p, params)
+        outs = sorted(eng.run_to_completion(), key=lambda o: int(o.request_id.split("-")[1]))
+        runs[backend] = [o.outputs[0] for o in outs]
+        _free(eng)
+    same = all(a.token_ids == b.token_ids for a, b in zip(runs["torch"], runs["triton"]))
+    diffs = []
+    for a, b in zip(runs["torch"], runs["triton"]):
+        for ta, tb in zip(a.top_logprobs, b.top_logprobs):
+            da = {x.token_id: x.logprob for x in ta}
+            diffs += [abs(da[x.token_id] - x.logprob) for x in tb if x.token_id in da]
+    return {"part": "correctness", "model": model, "dtype": dtype, "tokens_identical": same,
+            "max_logprob_diff": max(diffs) if diffs else None,
+            "tokens_torch": [c.token_ids for c in runs["torch"]], "tokens_triton": [c.token_ids for c in runs["triton"]]}
+
+
+def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int) -> dict:
+    from pagedfleet.bench.workloads import mixed
+
+    eng = _engine(model, device, dtype, "triton", kv_cache_dtype=kv_cache_dtype, max_model_len=2048,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9)
+    reqs = mixed().requests
+    eng.add_request(reqs[0].prompt_token_ids, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    eng.run_to_completion()  # warm-up: Triton compiles
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for r in reqs:
+        eng.add_request(list(r.prompt_token_ids), r.sampling)
+    steps = 0
+    done = []
+    first = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.request_id not in first and o.outputs[0].token_ids:
+                first[o.request_id] = time.perf_counter()
+            if o.finished:
+                done.append(o)
+        steps += 1
+    dt = time.perf_counter() - t0
+    out_tokens = sum(len(c.token_ids) for o in done for c in o.outputs)
+    stats = eng.scheduler.stats()
+    res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype,
+           "kv_cache_dtype": kv_cache_dtype, "requests": len(done), "output_tokens": out_tokens,
+           "seconds": round(dt, 2), "output_tok_s": round(out_tokens / dt, 1),
+           "total_tok_s": round((out_tokens + sum(len(r.prompt_token_ids) for r in reqs)) / dt, 1),
+           "steps": steps, "ms_per_step": round(1000 * dt / steps, 2),
+           "num_gpu_blocks": eng.worker_info.num_gpu_blocks,
+           "preemptions": {k: v for k, v in stats.items() if "preempt" in k}}
+    _free(eng)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="random:llama-3-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--check-dtype", default="float32")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-blocks", type=int, default=512)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--fp8", action="store_true", help="also run the throughput part with an FP8 KV cache")
+    a = ap.parse_args()
+    info = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(info), flush=True)
+    if not a.skip_correctness:
+        print(json.dumps(correctness(a.model, a.device, a.check_dtype, a.num_blocks)), flush=True)
+    if not a.skip_throughput:
+        print(json.dumps(throughput(a.model, a.device, a.dtype, "auto", a.max_num_seqs)), flush=True)
+        if a.fp8:
+            print(json.dumps(throughput(a.model, a.device, a.dtype, "fp8", a.max_num_seqs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The torch attention backend (the CPU path and the oracle of the Triton one) against naive attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_worker.attention import AttentionMetadata, get_backend
+
+
+def _naive(q, ks, vs, q_lens, seq_lens, scale):
+    """Per sequence: causal attention of its q_len last positions over its whole context (GQA)."""
+    out, t = [], 0
+    for k, v, ql, L in zip(ks, vs, q_lens, seq_lens):
+        qs = q[t: t + ql]  # [ql, Hq, D]
+        g = qs.shape[1] // k.shape[1]
+        kk = k.repeat_interleave(g, dim=1)  # [L, Hq, D]
+        vv = v.repeat_interleave(g, dim=1)
+        s = torch.einsum("qhd,khd->hqk", qs.double(), kk.double()) * scale
+        pos = torch.arange(L - ql, L)
+        s = s.masked_fill(torch.arange(L)[None, None, :] > pos[None, :, None], float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vv.double()).float())
+        t += ql
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mixed_batch_matches_naive(fp8):
+    torch.manual_seed(0)
+    bs, nblocks, hq, hkv, d = 16, 64, 8, 2, 32
+    # (context already cached, new tokens): decodes, a fresh prefill, a chunk after a prefix
+    cases = [(40, 1), (0, 37), (16, 1), (21, 19), (0, 1), (47, 1)]
+    dtype = torch.float8_e4m3fn if fp8 else torch.float32
+    kv = torch.zeros(3, 2, nblocks, bs, hkv, d, dtype=dtype)  # slices of one tensor, like the runner's
+    k_cache, v_cache = kv[1, 0], kv[1, 1]
+    perm = torch.randperm(nblocks).tolist()
+    tables, ks, vs, qs = [], [], [], []
+    backend = get_backend("torch", "cpu")
+    seq_lens = [c + n for c, n in cases]
+    for c, n in cases:
+        nb = -(-(c + n) // bs)
+        tables.append([perm.pop() for _ in range(nb)])
+        ks.append(torch.randn(c + n, hkv, d))
+        vs.append(torch.randn(c + n, hkv, d))
+        qs.append(torch.randn(n, hq, d))
+    # the cached prefix is written by an earlier "step"
+    pre = [(i, c) for i, (c, n) in enumerate(cases) if c > 0]
+    meta0 = AttentionMetadata.build([c for _, c in pre], [c for _, c in pre], [tables[i] for i, _ in pre], bs)
+    backend.prepare(meta0)
+    backend.write_kv(torch.cat([ks[i][:c] for i, c in pre]), torch.cat([vs[i][:c] for i, c in pre]),
+                     k_cache, v_cache, meta0, 0.5, 0.25)
+    meta = AttentionMetadata.build(seq_lens, [n for _, n in cases], tables, bs)
+    assert not meta.is_decode_only and meta.max_query_len == 37
+    backend.prepare(meta)
+    backend.write_kv(torch.cat([k[c:] for k, (c, _) in zip(ks, cases)]), torch.cat([v[c:] for v, (c, _) in zip(vs, cases)]),
+                     k_cache, v_cache, meta, 0.5, 0.25)
+    out = backend.forward(torch.cat(qs), k_cache, v_cache, meta, d ** -0.5, 0.5, 0.25)
+    if fp8:  # the oracle sees what the cache holds
+        ks = [(k / 0.5).to(dtype).float() * 0.5 for k in ks]
+        vs = [(v / 0.25).to(dtype).float() * 0.25 for v in vs]
+    ref = _naive(torch.cat(qs), ks, vs, [n for _, n in cases], seq_lens, d ** -0.5)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert kv[0].float().abs().sum() == 0 and kv[2].float().abs().sum() == 0  # other layers untouched
+
+
+def test_decode_only_and_padding_slots():
+    torch.manual_seed(1)
+    bs, hq, hkv, d = 4, 4, 4, 8
+    k_cache = torch.zeros(10, bs, hkv, d)
+    v_cache = torch.zeros(10, bs, hkv, d)
+    backend = get_backend("torch", "cpu")
+    meta = AttentionMetadata.build([3, 5], [3, 5], [[2], [7, 4]], bs)
+    k, v = torch.randn(8, hkv, d), torch.randn(8, hkv, d)
+    backend.prepare(meta)
+    backend.write_kv(k, v, k_cache, v_cache, meta)
+    # a padding slot (-1) is skipped
+    meta2 = AttentionMetadata.build([4, 6], [1, 1], [[2], [7, 4]], bs)
+    meta2.slot_mapping[1] = -1
+    backend.prepare(meta2)
+    k2, v2 = torch.randn(2, hkv, d), torch.randn(2, hkv, d)
+    before = k_cache.clone()
+    backend.write_kv(k2, v2, k_cache, v_cache, meta2)
+    assert torch.equal(k_cache[2, 3], k2[0]) and torch.equal(k_cache[4], before[4])
+    assert meta2.is_decode_only
+    q = torch.randn(2, hq, d)
+    out = backend.forward(q, k_cache, v_cache, meta2, 0.3)
+    ref0 = _naive(q[:1], [torch.cat([k[:3], k2[:1]])], [torch.cat([v[:3], v2[:1]])], [1], [4], 0.3)
+    torch.testing.assert_close(out[:1], ref0, atol=1e-5, rtol=1e-4)
