@@ -318,6 +318,10 @@ async def _stream_completion(fleet, rid, prep: Prepared, trackers, mtracks, tt, 
     except FleetError as e:
         yield _sse_error(str(e), e.status_code)
         yield "data: [DONE]\n\n"
+    except Exception as e:  # Redis went away, ...: tell the client instead of cutting the stream
+        log.exception("stream %s failed", rid)
+        yield _sse_error(f"internal error: {type(e).__name__}: {e}")
+        yield "data: [DONE]\n\n"
     finally:
         # the client went away (or an error): free the blocks of whatever still runs
         _abort_unfinished(fleet, [t for t in trackers if not t.done], "client disconnected")
@@ -371,6 +375,10 @@ async def _stream_chat(fleet, rid, prep: Prepared, tracker: OutputTracker, mtrac
         yield "data: [DONE]\n\n"
     except FleetError as e:
         yield _sse_error(str(e), e.status_code)
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # Redis went away, ...: tell the client instead of cutting the stream
+        log.exception("stream %s failed", rid)
+        yield _sse_error(f"internal error: {type(e).__name__}: {e}")
         yield "data: [DONE]\n\n"
     finally:
         _abort_unfinished(fleet, [tracker] if not tracker.done else [], "client disconnected")

@@ -23,6 +23,11 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048  # CUDA profiling forward size
     seed: int = 0  # random weights
     num_threads: int | None = None  # CPU: torch.set_num_threads (None: leave torch's default)
+    # CUDA graphs for decode-only steps (CUDA + Triton backend only; ignored elsewhere): the model forward is
+    # captured once per padded batch size after the KV cache is allocated and replayed for decode steps
+    enable_cuda_graphs: bool = True
+    max_num_seqs: int = 256  # largest decode batch captured (the scheduler's max_num_seqs)
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, 8, then every 16 up to max_num_seqs
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -39,3 +44,7 @@ class WorkerConfig:
             raise ValueError("num_gpu_blocks: must be positive")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
             raise ValueError("num_cpu_blocks: must be >= 0")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs: must be positive")
+        if self.cuda_graph_batch_sizes is not None and any(int(b) <= 0 for b in self.cuda_graph_batch_sizes):
+            raise ValueError("cuda_graph_batch_sizes: must be positive")

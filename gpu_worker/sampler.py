@@ -115,6 +115,12 @@ class Sampler:
                 out_top[i] = list(zip(ti[j][:k], tv[j][:k])) if k > 0 else []
         return SamplerOutput(token_ids=token_list, logprobs=out_lp, top_logprobs=out_top)
 
+    @torch.inference_mode()
+    def greedy(self, logits: torch.Tensor) -> list[int]:
+        """Token ids of rows that are greedy with no penalty, min_tokens mask or logprobs: exactly what
+        ``sample`` returns for such rows (one argmax, one device-to-host copy)."""
+        return logits.float().argmax(dim=-1).tolist()
+
     # ---- pieces ------------------------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
         """Penalties and min_tokens masking; returns ``logits`` itself when nothing applies, else a copy."""

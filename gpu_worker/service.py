@@ -85,10 +85,46 @@ class WorkerService:
 
             self.metrics = WorkerMetrics(self.runner.info)
             self.metrics.start_metrics_server(port)
+            self._instrument_runner()
         except Exception as e:  # pragma: no cover - metrics must never stop a worker
             log.warning("metrics server not started: %s", e)
             return None
         return f"{host}:{port}"
+
+    def _instrument_runner(self) -> None:
+        """KV cache size once; time each batched swap / copy-on-write transfer of the runner."""
+        run, m = self.runner, self.metrics
+        kv = getattr(run, "kv_cache", None)
+        cpu = getattr(run, "cpu_cache", None)
+        if kv is not None:
+            m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size(),
+                           cpu_bytes=cpu.numel() * cpu.element_size() if cpu is not None else 0,
+                           num_gpu_blocks=run.info.num_gpu_blocks, num_cpu_blocks=run.info.num_cpu_blocks,
+                           block_bytes=run.info.kv_block_bytes)
+        cuda = str(run.info.device).startswith("cuda")
+        for attr, op in (("swap_out", "swap_out"), ("swap_in", "swap_in"), ("copy_blocks", "copy")):
+            inner = getattr(run, attr, None)
+            if inner is None:
+                continue
+
+            def timed(pairs, _inner=inner, _op=op):
+                t = time.perf_counter()
+                _inner(pairs)
+                if cuda:
+                    import torch
+
+                    torch.cuda.synchronize()
+                m.observe_kv_transfer(_op, len(pairs), time.perf_counter() - t)
+
+            setattr(run, attr, timed)
+
+    def _device_memory(self) -> None:
+        if self.metrics is None or not str(self.runner.info.device).startswith("cuda"):
+            return
+        import torch
+
+        dev = self.runner.device
+        self.metrics.set_device_memory(torch.cuda.memory_allocated(dev), torch.cuda.get_device_properties(dev).total_memory)
 
     def registration(self, metrics_url: str | None) -> S.WorkerRegistration:
         return S.WorkerRegistration(info=self.runner.info, incarnation=self.incarnation, metrics_url=metrics_url,
@@ -180,6 +216,9 @@ class WorkerService:
         if self.metrics is not None and plan is not None:
             try:
                 self.metrics.observe_execute(dt, num_tokens=plan.num_batched_tokens)
+                self._steps = getattr(self, "_steps", 0) + 1
+                if self._steps % 50 == 1:
+                    self._device_memory()
             except Exception:  # pragma: no cover
                 pass
 

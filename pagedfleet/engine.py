@@ -74,6 +74,7 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             max_model_len=config.max_model_len,
             seed=config.seed,
+            max_num_seqs=config.max_num_seqs,  # largest decode batch the worker captures in a CUDA graph
         )
         if config.num_cpu_blocks is not None:
             worker_kwargs["num_cpu_blocks"] = config.num_cpu_blocks

@@ -1,6 +1,6 @@
 """Scheduler <-> worker messages (StepPlan / StepResult) and the request-level messages around them.
 
-Semantics the two halves agree on (docs/protocol.md explains them at length):
+Semantics the two halves agree on (docs/architecture.md shows where each side lives):
 
 * The scheduler owns every block id. The worker keeps, per live sequence: its token ids, its block
   table (list of physical GPU block ids), its number of computed tokens, its sampling params and seed.

@@ -298,41 +298,51 @@ class SchedulerService:
         except Exception:
             return 0
 
-    def choose_worker(self, st: ReqState) -> WorkerHandle | None:
+    def rank_workers(self, st: ReqState) -> list[WorkerHandle]:
+        """Live workers in order of preference for a request: those where it fits in the free blocks
+        first; among them the longest prefix-cache hit, unless that worker's queue is more than
+        ``--max-queue-imbalance`` requests longer than the shortest; then the shortest queue; then the
+        most free blocks. Workers whose context is too short for it are left out."""
         tokens = st.request.prompt_token_ids
-        best, best_key = None, None
+        length = len(tokens) + max((len(v) for v in st.generated.values()), default=0)
+        rows = []
         for h in self.workers.values():
-            if h.dead:
-                continue
-            if len(tokens) + max((len(v) for v in st.generated.values()), default=0) >= h.reg.info.max_model_len:
+            if h.dead or length >= h.reg.info.max_model_len:
                 continue
             bs = h.reg.info.block_size
-            need = math.ceil((len(tokens) + 1) / bs) + (st.request.sampling.n - 1)
+            need = math.ceil((length + 1) / bs) + (st.request.sampling.n - 1)
             free = self._blocks_free(h)
-            key = (free >= need, self._prefix_hit(h, tokens) // bs, -self._queue_len(h), free)
-            if best_key is None or key > best_key:
-                best, best_key = h, key
-        return best
+            rows.append((h, free >= need, self._prefix_hit(h, tokens) // bs, self._queue_len(h), free))
+        if not rows:
+            return []
+        min_q = min(r[3] for r in rows)
+        cap = self.args.max_queue_imbalance
+
+        def key(r):
+            _h, fits, hit, q, free = r
+            return (fits, hit if q <= min_q + cap else 0, -q, free)
+
+        return [r[0] for r in sorted(rows, key=key, reverse=True)]
 
     async def place(self, st: ReqState, resume: bool = False) -> bool:
-        """Add the request to the best worker's Scheduler. Returns False if it failed for good."""
-        while True:
-            h = self.choose_worker(st)
-            if h is None:
-                if not self.workers:
-                    self.orphans.append(st)
-                    return True
-                await self.finish_locally(st, FinishReason.ERROR,
-                                          "prompt does not fit the context of any live worker")
-                return False
+        """Add the request to the best worker's Scheduler that takes it. Returns False if it failed for good."""
+        ranked = self.rank_workers(st)
+        if not ranked:
+            if not self.workers:
+                self.orphans.append(st)
+                return True
+            await self.finish_locally(st, FinishReason.ERROR, "prompt does not fit the context of any live worker")
+            return False
+        error = None
+        for h in ranked:
             try:
                 if resume and st.generated:
                     self._resume_on(h, st)
                 else:
                     h.sched.add_request(st.request)
             except ValueError as e:
-                await self.finish_locally(st, FinishReason.ERROR, str(e))
-                return False
+                error = error or str(e)
+                continue
             st.worker_id = h.wid
             h.requests.add(st.request_id)
             if st.job_id and st.status != "queued":
@@ -343,6 +353,8 @@ class SchedulerService:
                 log.info("request %s resumed on %s (%d tokens already generated)", st.request_id, h.wid,
                          sum(len(v) for v in st.generated.values()))
             return True
+        await self.finish_locally(st, FinishReason.ERROR, error)
+        return False
 
     def _resume_on(self, h: WorkerHandle, st: ReqState) -> None:
         """Re-add a request that already generated tokens (recompute from prompt + those tokens)."""
@@ -834,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--monitor-interval", type=float, default=0.25, help="seconds between liveness checks")
     p.add_argument("--max-resumes", type=int, default=3, help="a request that loses more workers fails")
+    p.add_argument("--max-queue-imbalance", type=int, default=4,
+                   help="a prefix-cache hit wins placement only if that worker's queue is at most this much longer")
     p.add_argument("--max-deliveries", type=int, default=int(env("PAGEDFLEET_MAX_DELIVERIES", "5")),
                    help="a request entry delivered more often (the scheduler kept dying on it) is dead-lettered")
     p.add_argument("--output-ttl", type=float, default=float(env("PAGEDFLEET_OUTPUT_TTL_S", "600")))

@@ -92,6 +92,7 @@ class Fleet:
         self.num_gpu_blocks = num_gpu_blocks
         self.max_model_len = max_model_len
         self.procs: dict[str, subprocess.Popen] = {}
+        self.stopped: set[str] = set()  # stopped on purpose (kill / stop): not a failure
         self.logs: dict[str, Path] = {}
         self.gateway_port = free_port()
         self.scheduler_port = free_port()
@@ -143,6 +144,7 @@ class Fleet:
                                 start_new_session=True)
         f.close()
         self.procs[name] = proc
+        self.stopped.discard(name)
         return proc
 
     def start_scheduler(self) -> subprocess.Popen:
@@ -155,8 +157,9 @@ class Fleet:
                                          "--num-gpu-blocks", str(self.num_gpu_blocks), "--threads", "1",
                                          "--max-model-len", str(self.max_model_len), "--metrics-port", "0"])
 
-    def start_gateway(self) -> subprocess.Popen:
-        return self.start("gateway", [PY, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(self.gateway_port),
+    def start_gateway(self, name: str = "gateway", port: int | None = None) -> subprocess.Popen:
+        port = port or self.gateway_port
+        return self.start(name, [PY, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(port),
                                       "--model-dir", self.model_dir, "--served-model-name", "smollm2-135m-instruct",
                                       "--model", "smollm2-135m-instruct"])
 
@@ -165,7 +168,7 @@ class Fleet:
         last = None
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
-                if p.poll() is not None:
+                if p.poll() is not None and name not in self.stopped:
                     raise RuntimeError(f"{name} exited with {p.returncode}")
             try:
                 r = httpx.get(self.url + "/health", timeout=2)
@@ -193,10 +196,12 @@ class Fleet:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs[name]
+        self.stopped.add(name)
         os.killpg(p.pid, sig)
         p.wait(10)
 
     def stop(self, name: str) -> None:
+        self.stopped.add(name)
         _stop(self.procs[name])
 
     def workers(self) -> list[dict]:
