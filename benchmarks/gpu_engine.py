@@ -3,9 +3,11 @@
 1. Correctness: random weights of a named shape (default Llama-3-8B), float32, a short greedy run with
    each attention backend: the tokens must be identical and the top-5 logprobs close.
 2. Throughput: workload 'mixed' (256 requests, pagedfleet.bench.workloads) through the offline engine
-   with the Triton backend in bfloat16; prints output tokens/s.
+   with the Triton backend in bfloat16 (CUDA graphs for decode steps unless --no-cuda-graphs); prints
+   output tokens/s and the host-side time per step of schedule / execute / update / the rest.
 
     python benchmarks/gpu_engine.py [--model random:llama-3-8b] [--device cuda] [--skip-throughput]
+                                    [--fp8] [--no-cuda-graphs] [--compare-graphs]
 Prints one JSON line per part.
 """
 
@@ -58,16 +60,51 @@ def correctness(model: str, device: str, dtype: str, num_blocks: int) -> dict:
             "tokens_torch": [c.token_ids for c in runs["torch"]], "tokens_triton": [c.token_ids for c in runs["triton"]]}
 
 
-def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int) -> dict:
+def _time_calls(obj, name: str, acc: dict) -> None:
+    """Accumulate the wall time of obj.name(...) into acc[name] (host-side breakdown of a step)."""
+    f = getattr(obj, name)
+    acc[name] = 0.0
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return f(*a, **kw)
+        finally:
+            acc[name] += time.perf_counter() - t
+
+    setattr(obj, name, timed)
+
+
+def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int,
+               cuda_graphs: bool = True) -> dict:
     from pagedfleet.bench.workloads import mixed
 
+    t_init = time.perf_counter()
     eng = _engine(model, device, dtype, "triton", kv_cache_dtype=kv_cache_dtype, max_model_len=2048,
-                  max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9)
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9,
+                  extra_worker={"enable_cuda_graphs": cuda_graphs})
+    init_s = time.perf_counter() - t_init
+    graphs = eng.runner.cuda_graphs
     reqs = mixed().requests
     eng.add_request(reqs[0].prompt_token_ids, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     eng.run_to_completion()  # warm-up: Triton compiles
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    acc: dict = {}
+    _time_calls(eng.scheduler, "schedule", acc)
+    _time_calls(eng.scheduler, "update", acc)
+    _time_calls(eng.runner, "execute", acc)
+    replays0 = sum(getattr(g, "calls", 0) for g in graphs.graphs.values()) if graphs else 0
+    decode_steps = 0
+    _run = eng.runner._run
+
+    def count_run(plan):
+        nonlocal decode_steps
+        if all(s.num_tokens == 1 for s in plan.scheduled):
+            decode_steps += 1
+        return _run(plan)
+
+    eng.runner._run = count_run
     t0 = time.perf_counter()
     for r in reqs:
         eng.add_request(list(r.prompt_token_ids), r.sampling)
@@ -90,7 +127,16 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
            "total_tok_s": round((out_tokens + sum(len(r.prompt_token_ids) for r in reqs)) / dt, 1),
            "steps": steps, "ms_per_step": round(1000 * dt / steps, 2),
            "num_gpu_blocks": eng.worker_info.num_gpu_blocks,
-           "preemptions": {k: v for k, v in stats.items() if "preempt" in k}}
+           "preemptions": {k: v for k, v in stats.items() if "preempt" in k},
+           "cuda_graphs": graphs is not None, "decode_only_steps": decode_steps,
+           "graph_capture_s": round(graphs.capture_s, 2) if graphs else None,
+           "graph_memory_mib": round(graphs.memory_bytes / 2**20) if graphs else None,
+           "engine_init_s": round(init_s, 1),
+           # host wall time per step (execute includes waiting for the GPU: the sampled tokens are a sync)
+           "ms_per_step_schedule": round(1000 * acc["schedule"] / steps, 3),
+           "ms_per_step_execute": round(1000 * acc["execute"] / steps, 3),
+           "ms_per_step_update": round(1000 * acc["update"] / steps, 3),
+           "ms_per_step_rest": round(1000 * (dt - acc["schedule"] - acc["execute"] - acc["update"]) / steps, 3)}
     _free(eng)
     return res
 
@@ -106,6 +152,9 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="also run the throughput part with an FP8 KV cache")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="decode steps run eagerly")
+    ap.add_argument("--compare-graphs", action="store_true",
+                    help="also run the bf16 throughput part with CUDA graphs off")
     a = ap.parse_args()
     info = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -113,9 +162,12 @@ def main() -> None:
     if not a.skip_correctness:
         print(json.dumps(correctness(a.model, a.device, a.check_dtype, a.num_blocks)), flush=True)
     if not a.skip_throughput:
-        print(json.dumps(throughput(a.model, a.device, a.dtype, "auto", a.max_num_seqs)), flush=True)
+        graphs = not a.no_cuda_graphs
+        print(json.dumps(throughput(a.model, a.device, a.dtype, "auto", a.max_num_seqs, graphs)), flush=True)
         if a.fp8:
-            print(json.dumps(throughput(a.model, a.device, a.dtype, "fp8", a.max_num_seqs)), flush=True)
+            print(json.dumps(throughput(a.model, a.device, a.dtype, "fp8", a.max_num_seqs, graphs)), flush=True)
+        if a.compare_graphs and graphs:
+            print(json.dumps(throughput(a.model, a.device, a.dtype, "auto", a.max_num_seqs, False)), flush=True)
 
 
 if __name__ == "__main__":

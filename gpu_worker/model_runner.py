@@ -618,15 +618,18 @@ class _CudaGraphs:
     hint), so replays need no host information but these buffers. FP8 scales are baked in at capture.
     """
 
-    def __init__(self, runner: "ModelRunner"):
+    def __init__(self, runner: "ModelRunner", emulate: bool = False):
+        """``emulate``: no capture; each "replay" runs the model eagerly on the static buffers (tests the
+        input staging on the CPU)."""
         self.r = runner
         cfg = runner.config
         dev = runner.device
+        cuda = dev.type == "cuda"
         self.sizes = sorted({int(b) for b in (cfg.cuda_graph_batch_sizes or _default_graph_sizes(cfg.max_num_seqs))})
         self.max_batch_size = M = self.sizes[-1]
         self.width = W = -(-runner.max_model_len // runner.block_size)
         n = 4 * M + M * W
-        self.host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(n, dtype=torch.int32, pin_memory=cuda)
         self.host_np = self.host.numpy()
         self.dev_buf = torch.zeros(n, dtype=torch.int32, device=dev)
         inp = self.dev_buf[: 4 * M].view(4, M)
@@ -634,8 +637,15 @@ class _CudaGraphs:
         self.slots.fill_(-1)
         self.bt = torch.zeros((M, W), dtype=torch.int32, device=dev)
         self.qsl = torch.arange(M + 1, dtype=torch.int32, device=dev)
-        self.copied = torch.cuda.Event()  # the pinned slab's last copy: wait before refilling it
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # the pinned slab's last copy: wait for it before refilling the slab
+        self.copied = torch.cuda.Event() if cuda else None
+        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.capture_s = 0.0
+        self.memory_bytes = 0
+        if emulate:
+            for pb in self.sizes:
+                self.graphs[pb] = _EagerReplay(self, pb)
+            return
         self.pool = torch.cuda.graph_pool_handle()
         t0 = time.perf_counter()
         free0 = torch.cuda.mem_get_info(dev)[0]
@@ -679,7 +689,8 @@ class _CudaGraphs:
         M = self.max_batch_size
         nb = min(-(-int(seq_lens.max()) // self.r.block_size), bt.shape[1], self.width)  # blocks read
         h = self.host_np
-        self.copied.synchronize()
+        if self.copied is not None:
+            self.copied.synchronize()
         v = h[: 4 * M].reshape(4, M)
         v[0, :S] = ids
         v[1, :S] = positions
@@ -693,7 +704,32 @@ class _CudaGraphs:
         end = off + S * nb
         h[off:end].reshape(S, nb)[:] = bt[:, :nb]
         self.dev_buf[:end].copy_(self.host[:end], non_blocking=True)
-        self.copied.record()
+        if self.copied is not None:
+            self.copied.record()
         self.bt[:S, :nb].copy_(self.dev_buf[off:end].view(S, nb))
         g.replay()
         return out[:S]
+
+
+class _EagerReplay:
+    """Stands in for a captured graph (``_CudaGraphs(emulate=True)``): runs the forward eagerly on the
+    static buffers. The torch backend needs int64 slots and its per-step prepare."""
+
+    def __init__(self, graphs: _CudaGraphs, pb: int):
+        self.g, self.pb = graphs, pb
+        self.calls = 0
+        r = graphs.r
+        self.out = torch.empty((pb, r.args.hidden_size), dtype=r.dtype, device=r.device)
+
+    def __iter__(self):  # unpacks like the (graph, output) pairs
+        return iter((self, self.out))
+
+    @torch.inference_mode()
+    def replay(self) -> None:
+        g, pb, r = self.g, self.pb, self.g.r
+        self.calls += 1
+        meta = replace(g._meta(pb), extras={})
+        if r.backend.name == "torch":
+            meta.slot_mapping = meta.slot_mapping.long()
+        r.backend.prepare(meta)
+        self.out.copy_(r.model(g.ids[:pb], g.pos[:pb], r.kv_cache, meta, r.backend))
