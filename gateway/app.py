@@ -149,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--scheduler-url", default=None, help="the scheduler service (default: $PAGEDFLEET_SCHEDULER_URL "
+                                                         "or http://127.0.0.1:8001)")
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in {"host": a.host, "port": a.port, "redis_url": a.redis_url, "model": a.model,
-                                   "model_dir": a.model_dir, "served_model_name": a.served_model_name}.items()
+                                   "model_dir": a.model_dir, "served_model_name": a.served_model_name,
+                                   "scheduler_url": a.scheduler_url}.items()
                  if v is not None}
     settings = GatewaySettings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -2,8 +2,9 @@
 
 The page polls /v1/block-map every 500 ms and draws each worker's block pools. /v1/block-map proxies
 the scheduler service's ``GET /block-map`` so the page stays same-origin. The scheduler's address is,
-in order: the ``scheduler_url`` argument, ``app.state.settings.scheduler_url``, the environment variable
-``PAGEDFLEET_SCHEDULER_URL``, then ``http://127.0.0.1:8001``.
+in order: the ``scheduler_url`` argument, ``app.state.settings.scheduler_url`` (``GatewaySettings``, which
+reads the environment variable ``PAGEDFLEET_SCHEDULER_URL``), then, for an app without settings, that
+environment variable, then ``http://127.0.0.1:8001``.
 
 Include it in the gateway app with::
 

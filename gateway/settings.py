@@ -20,4 +20,6 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(600.0, description="a request with no output for this long fails")
     worker_cache_s: float = Field(1.0, description="how long the list of live workers is cached")
     max_model_len: int | None = Field(None, description="context length when no worker has registered yet")
-    scheduler_url: str | None = Field(None, description="the scheduler service (block map proxy); default http://127.0.0.1:8001")
+    scheduler_url: str = Field("http://127.0.0.1:8001",
+                               description="the scheduler service's HTTP address (the block-map proxy reads its "
+                                           "/block-map); env PAGEDFLEET_SCHEDULER_URL")

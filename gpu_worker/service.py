@@ -4,7 +4,9 @@ Builds a ModelRunner, registers its WorkerInfo in Redis (``pf:workers``), heartb
 (``pf:hb:{worker_id}``, a key with a TTL holding this start's incarnation), then reads StepPlans from
 its plan stream (consumer group ``worker``), executes them in order and answers StepResults on the
 results stream. A plan is acknowledged in the same Redis transaction that publishes its result.
-Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one).
+Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one), advertised as
+``--advertise-host`` (``auto``: this machine's / container's address on the network that reaches Redis).
+Each step reports its execute time and the time of its KV transfers (swap out, swap in, copy-on-write).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 
 import redis
@@ -31,6 +34,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def resolve_advertise_host(value: str | None, redis_url: str | None = None) -> str:
+    """The host to advertise for this worker's /metrics. ``auto`` (or empty): the local address of the route
+    to Redis (in a container: its IP on the compose network), else the address of the hostname, else
+    127.0.0.1. Anything else is returned as given."""
+    if value and value.strip().lower() != "auto":
+        return value.strip()
+    try:
+        u = urllib.parse.urlsplit(redis_url or "")
+        if u.hostname and u.scheme in ("redis", "rediss"):
+            for family, _t, _p, _c, addr in socket.getaddrinfo(u.hostname, u.port or 6379, type=socket.SOCK_DGRAM):
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.connect(addr)  # UDP: no packet is sent, the kernel only picks the route and source address
+                    ip = s.getsockname()[0]
+                if ip and ip not in ("0.0.0.0", "::"):
+                    return ip
+    except OSError:
+        pass
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+        if ip:
+            return ip
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def wait_for_redis(url: str, timeout_s: float = 60.0) -> redis.Redis:
@@ -58,6 +91,8 @@ class WorkerService:
         self.incarnation = uuid.uuid4().hex
         self.runner = None
         self.metrics = None
+        self._transfer_s: dict[str, float] = {}  # seconds per KV transfer op in the step being executed
+        self._steps = 0
         self.plan_stream = S.plan_stream(self.worker_id)
 
     # ---- setup --------------------------------------------------------------------------------
@@ -79,7 +114,7 @@ class WorkerService:
 
     def start_metrics(self) -> str | None:
         port = self.args.metrics_port if self.args.metrics_port else _free_port()
-        host = self.args.advertise_host or "127.0.0.1"
+        host = resolve_advertise_host(self.args.advertise_host, self.args.redis_url)
         try:
             from gpu_worker.metrics import WorkerMetrics
 
@@ -89,7 +124,8 @@ class WorkerService:
         except Exception as e:  # pragma: no cover - metrics must never stop a worker
             log.warning("metrics server not started: %s", e)
             return None
-        return f"{host}:{port}"
+        log.info("metrics at http://%s/metrics", host_port(host, port))
+        return host_port(host, port)
 
     def _instrument_runner(self) -> None:
         """KV cache size once; time each batched swap / copy-on-write transfer of the runner."""
@@ -102,19 +138,30 @@ class WorkerService:
                            num_gpu_blocks=run.info.num_gpu_blocks, num_cpu_blocks=run.info.num_cpu_blocks,
                            block_bytes=run.info.kv_block_bytes)
         cuda = str(run.info.device).startswith("cuda")
+        dev = getattr(run, "device", None)
+        times = self._transfer_s
+
+        def sync() -> None:
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize(dev)
+
+        # ModelRunner.execute calls self.swap_out / swap_in / copy_blocks (one batched call per op and step):
+        # wrap them on the instance. On CUDA the copies are asynchronous, so synchronize before (nothing of
+        # earlier work is counted) and after (the copy is done); on CPU the wall time is the copy's time.
         for attr, op in (("swap_out", "swap_out"), ("swap_in", "swap_in"), ("copy_blocks", "copy")):
             inner = getattr(run, attr, None)
             if inner is None:
                 continue
 
             def timed(pairs, _inner=inner, _op=op):
+                sync()
                 t = time.perf_counter()
-                _inner(pairs)
-                if cuda:
-                    import torch
-
-                    torch.cuda.synchronize()
-                m.observe_kv_transfer(_op, len(pairs), time.perf_counter() - t)
+                out = _inner(pairs)
+                sync()
+                times[_op] = times.get(_op, 0.0) + (time.perf_counter() - t)
+                return out
 
             setattr(run, attr, timed)
 
@@ -197,6 +244,7 @@ class WorkerService:
     def handle(self, entry_id: str, fields: dict) -> None:
         t0 = time.perf_counter()
         step_id = -1
+        self._transfer_s.clear()
         try:
             plan = S.decode(fields, StepPlan)
             step_id = plan.step_id
@@ -215,8 +263,9 @@ class WorkerService:
         p.execute()
         if self.metrics is not None and plan is not None:
             try:
-                self.metrics.observe_execute(dt, num_tokens=plan.num_batched_tokens)
-                self._steps = getattr(self, "_steps", 0) + 1
+                # execute time, computed tokens, and each KV transfer of the plan with its time
+                self.metrics.observe_step(plan, dt, dict(self._transfer_s))
+                self._steps += 1
                 if self._steps % 50 == 1:
                     self._device_memory()
             except Exception:  # pragma: no cover
@@ -245,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-gpu-blocks", type=int, default=None)
     p.add_argument("--num-cpu-blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   default=float(env("PAGEDFLEET_GPU_MEMORY_UTILIZATION", "0.9")))
     p.add_argument("--kv-cache-dtype", default=None)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -253,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--metrics-port", type=int, default=int(env("PAGEDFLEET_WORKER_METRICS_PORT", "0")),
                    help="Prometheus port (0: a free one)")
-    p.add_argument("--advertise-host", default=env("PAGEDFLEET_ADVERTISE_HOST", "127.0.0.1"))
+    p.add_argument("--advertise-host", default=env("PAGEDFLEET_ADVERTISE_HOST", "127.0.0.1"),
+                   help="host Prometheus scrapes this worker's /metrics at; 'auto': this container's address "
+                        "(the local address of the route to Redis)")
     p.add_argument("--heartbeat-interval", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_INTERVAL_S", "0.5")))
     p.add_argument("--heartbeat-ttl", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_TTL_S", "3.0")))
     p.add_argument("--log-level", default="INFO")

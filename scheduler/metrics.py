@@ -18,6 +18,9 @@ tests, or nothing for the default registry that ``prometheus_client`` serves)::
     ...                                                        # liveness / queue, every second or so:
     m.set_worker_up(w, info.model, up=True, heartbeat_age_s=now - last_heartbeat)
     m.poll_redis_streams(redis_client, {"pagedfleet:requests": "schedulers", ...})
+    ...                                                        # per request / event:
+    m.observe_queue_time(w, seconds)                           # arrival -> its first StepPlan
+    m.inc_preemption(dead_w, "recompute", "worker_lost")       # a request resumed after its worker died
 
 ``transport_s`` is the plan's round trip minus the worker's own ``StepResult.execute_ms``.
 """
@@ -79,15 +82,20 @@ COUNTER_KEYS: dict[str, tuple[str, ...]] = {
 # Preemptions: a dict {mode: {reason: total}} under "preemptions_by_reason" when the scheduler keeps one;
 # else the totals per mode, with reason "out_of_blocks" (the only reason this scheduler preempts for: a
 # running decode, a prefill or a swap-in needs GPU blocks that are not free).
+# The scheduler service adds reason "worker_lost" itself (``inc_preemption``): mode recompute, on the dead
+# worker, once per request that had run there and resumes on another worker.
 PREEMPTION_KEYS = ("preemptions_by_reason",)
 PREEMPTION_MODE_KEYS = {
     "swap": ("preemptions_swap",),
     "recompute": ("preemptions_recompute",),
 }
 DEFAULT_PREEMPTION_REASON = "out_of_blocks"
+REASON_OUT_OF_BLOCKS = DEFAULT_PREEMPTION_REASON
+REASON_WORKER_LOST = "worker_lost"
 
 # (mode, reason) preemption series created at 0 for every worker (others appear when they happen).
-PREEMPTION_SERIES = (("swap", "out_of_blocks"), ("recompute", "out_of_blocks"))
+PREEMPTION_SERIES = (("swap", REASON_OUT_OF_BLOCKS), ("recompute", REASON_OUT_OF_BLOCKS),
+                     ("recompute", REASON_WORKER_LOST))
 
 
 def _first(stats: Mapping[str, Any], keys: Iterable[str]) -> Any:
@@ -189,8 +197,11 @@ class SchedulerMetrics:
         d = info if isinstance(info, Mapping) else info.model_dump()
         wid, model = d["worker_id"], d.get("model", "")
         self._workers[wid] = dict(d)
-        self.blocks_capacity.labels(wid, model, "gpu").set(d.get("num_gpu_blocks", 0))
-        self.blocks_capacity.labels(wid, model, "cpu").set(d.get("num_cpu_blocks", 0))
+        for pool in ("gpu", "cpu"):  # a new worker's pools are all free: used + free = capacity from the start
+            n = d.get(f"num_{pool}_blocks", 0)
+            self.blocks_capacity.labels(wid, model, pool).set(n)
+            self.blocks_free.labels(wid, model, pool).set(n)
+            self.blocks_used.labels(wid, model, pool).set(0)
         bb = d.get("kv_block_bytes", 0) or 0
         self.cache_capacity_bytes.labels(wid, model, "gpu").set(bb * d.get("num_gpu_blocks", 0))
         self.cache_capacity_bytes.labels(wid, model, "cpu").set(bb * d.get("num_cpu_blocks", 0))

@@ -60,6 +60,8 @@ class ReqState:
     status: str = "queued"
     aborted: bool = False
     started: bool = False
+    received_at: float = field(default_factory=time.time)  # when this scheduler read it (wall clock)
+    queue_observed: bool = False  # its queue time (arrival to first StepPlan) is in the histogram
 
     @property
     def request_id(self) -> str:
@@ -269,6 +271,9 @@ class SchedulerService:
                 await self.finish_locally(st, FinishReason.ERROR,
                                           f"request lost {st.resumes} workers (last: {h.wid}); giving up")
                 continue
+            if st.started and self.metrics is not None:
+                # it ran there and resumes elsewhere by recompute: a preemption of the lost worker
+                self.metrics.inc_preemption(h.wid, "recompute", "worker_lost", model=h.reg.info.model)
             await self.place(st, resume=True)
         h.requests.clear()
 
@@ -592,11 +597,25 @@ class SchedulerService:
             st = self.requests.get(ns.request_id)
             if st is not None:
                 st.started = True
+                if not st.queue_observed:
+                    st.queue_observed = True
+                    if self.metrics is not None:
+                        self.metrics.observe_queue_time(h.wid, self._queue_time(st), h.reg.info.model)
                 if st.job_id and st.status != "running":
                     st.status = "running"
                     self._spawn(S.set_job_status(self.r, st.job_id, S.JobStatus.RUNNING))
         if self.args.track_preemption:
             self._note_preemptions(h)
+
+    @staticmethod
+    def _queue_time(st: ReqState) -> float:
+        """Seconds from the request's arrival (the gateway's ``arrival_time``, wall clock) to now, its first
+        StepPlan. Without a usable arrival time (none, or ahead of this clock), from when this scheduler
+        read it."""
+        now = time.time()
+        arrival = st.request.arrival_time
+        start = arrival if 0 < arrival <= now else st.received_at
+        return max(0.0, now - start)
 
     def _note_preemptions(self, h: WorkerHandle) -> None:
         """Job status: running / preempted (swapped out, or waiting again after a recompute preemption)."""
@@ -671,8 +690,10 @@ class SchedulerService:
                 continue
             st = ReqState(request=act.request, job_id=act.job_id, resumes=act.resumes + 1)
             finished = False
+            started = False
             for _id, fields in await self.r.xrange(S.output_stream(rid)):
                 d = S.decode(fields, RequestOutputDelta)
+                started = True  # the previous scheduler scheduled it (and observed its queue time)
                 for o in d.outputs:
                     st.generated.setdefault(o.index, []).extend(o.token_ids)
                     if o.finish_reason is not None:
@@ -681,6 +702,7 @@ class SchedulerService:
             if finished:
                 await self.r.hdel(S.ACTIVE, rid)
                 continue
+            st.queue_observed = started
             self.requests[rid] = st
             self.orphans.append(st)
 

@@ -85,8 +85,13 @@ def _stop(proc: subprocess.Popen, timeout: float = 8.0) -> None:
 
 class Fleet:
     def __init__(self, workdir: Path, num_workers: int = 1, num_gpu_blocks: int = 512, max_model_len: int = 2048,
-                 housekeeping: bool = False, env: dict | None = None):
+                 housekeeping: bool = False, env: dict | None = None, scheduler_args: list[str] = (),
+                 worker_args: list[str] = ()):
+        """``scheduler_args`` / ``worker_args``: extra command-line options of the scheduler service and of
+        every worker (e.g. ``["--preemption-mode", "swap"]``, ``["--num-cpu-blocks", "64"]``)."""
         self.workdir = workdir
+        self.scheduler_args = list(scheduler_args)
+        self.worker_args = list(worker_args)
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(workdir / "redis")
         self.num_gpu_blocks = num_gpu_blocks
@@ -150,12 +155,13 @@ class Fleet:
     def start_scheduler(self) -> subprocess.Popen:
         return self.start("scheduler", [PY, "-m", "scheduler.service", "--http-port", str(self.scheduler_port),
                                         "--http-host", "127.0.0.1", "--max-model-len", str(self.max_model_len),
-                                        "--lease-ttl", "2"])
+                                        "--lease-ttl", "2", *self.scheduler_args])
 
     def start_worker(self, i: int) -> subprocess.Popen:
         return self.start(f"worker{i}", [PY, "-m", "gpu_worker.service", "--worker-id", f"worker{i}", "--device", "cpu",
                                          "--num-gpu-blocks", str(self.num_gpu_blocks), "--threads", "1",
-                                         "--max-model-len", str(self.max_model_len), "--metrics-port", "0"])
+                                         "--max-model-len", str(self.max_model_len), "--metrics-port", "0",
+                                         *self.worker_args])
 
     def start_gateway(self, name: str = "gateway", port: int | None = None) -> subprocess.Popen:
         port = port or self.gateway_port

@@ -226,3 +226,22 @@ def test_block_map_proxy_reports_an_unreachable_scheduler():
     page = client.get("/dashboard")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/block-map" in page.text  # the page polls the proxy
+
+
+def test_block_map_proxy_uses_the_gateway_settings(monkeypatch):
+    """The proxy asks GatewaySettings.scheduler_url (set directly, or from PAGEDFLEET_SCHEDULER_URL)."""
+    from fastapi.testclient import TestClient
+
+    from gateway.block_map import make_block_map_router
+    from gateway.settings import GatewaySettings
+
+    for how in ("field", "env"):
+        url = f"http://127.0.0.1:{free_port()}"
+        monkeypatch.setenv("PAGEDFLEET_SCHEDULER_URL", url if how == "env" else "http://127.0.0.1:1")
+        settings = GatewaySettings(scheduler_url=url) if how == "field" else GatewaySettings()
+        assert settings.scheduler_url == url
+        app = FastAPI()
+        app.state.settings = settings
+        app.include_router(make_block_map_router(timeout_s=1.0))
+        r = TestClient(app).get("/v1/block-map")
+        assert r.status_code == 502 and f"{url}/block-map" in r.json()["error"], (how, r.json())

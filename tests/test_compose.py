@@ -205,6 +205,25 @@ def test_gpu_worker_command_runs_on_cuda_and_serves_metrics(compose):
     assert argv[:3] == ["python", "-m", "gpu_worker.service"]
     assert argv[argv.index("--device") + 1] == "cuda"
     assert "--metrics-port" in argv and "--advertise-host" in argv
+    # no shell wrapper: the worker resolves its own address, and the service accepts every flag
+    assert argv[argv.index("--advertise-host") + 1] == "auto"
+    from gpu_worker.service import build_parser
+
+    args = build_parser().parse_args(argv[3:])
+    assert args.device == "cuda" and args.metrics_port == 8002 and args.advertise_host == "auto"
+
+
+def test_advertise_host_auto_resolves_an_address():
+    import ipaddress
+
+    from gpu_worker.service import host_port, resolve_advertise_host
+
+    assert resolve_advertise_host("10.0.0.7", "redis://redis:6379/0") == "10.0.0.7"
+    # the local address of the route to Redis: loopback for a local Redis, a real address otherwise
+    assert resolve_advertise_host("auto", "redis://127.0.0.1:6379/0") == "127.0.0.1"
+    for url in ("redis://192.0.2.1:6379/0", "redis://no-such-host.invalid:6379/0", "unix:///tmp/redis.sock"):
+        ipaddress.ip_address(resolve_advertise_host("auto", url))
+    assert host_port("10.0.0.7", 8002) == "10.0.0.7:8002" and host_port("fd00::7", 8002) == "[fd00::7]:8002"
 
 
 def test_procfile_entries_exist():

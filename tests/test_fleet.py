@@ -370,12 +370,20 @@ def test_sigkill_a_worker_mid_generation(fleet, client, llm):
         futs = [ex.submit(client.completions.create, model=MODEL, prompt=p, max_tokens=16, temperature=0,
                           extra_body={"ignore_eos": True}) for p in prompts]
         _wait_tokens(fleet, len(prompts))  # every request is generating
-        assert all(len(v) >= 1 for v in fleet.stats()["worker_requests"].values())
+        lost = fleet.stats()["worker_requests"]
+        assert all(len(v) >= 1 for v in lost.values())
         fleet.kill("worker1")
         got = [f.result(timeout=180) for f in futs]
     for g, w in zip(got, want):
         assert g.choices[0].finish_reason == "length"
         assert g.choices[0].text == w.outputs[0].text
+    # each request that was running on worker1 resumed elsewhere: a recompute preemption for reason
+    # worker_lost on worker1 (the first worker this scheduler process lost)
+    metrics = httpx.get(fleet.scheduler_url + "/metrics").text
+    lost_n = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("pagedfleet_preemptions_total{") and 'worker="worker1"' in line
+              and 'reason="worker_lost"' in line]
+    assert lost_n == [len(lost["worker1"])], (lost_n, lost)
     assert [w["worker_id"] for w in fleet.workers()] == ["worker0"]
     assert httpx.get(fleet.url + "/health").json()["workers"] == 1
     # the worker comes back (same id, new incarnation) and serves again

@@ -1,11 +1,17 @@
 """Observability of a running fleet: a real Prometheus server (the Debian binary) scrapes the gateway, the
 scheduler and every worker it finds through the scheduler's /sd endpoint; after a known workload every
-PromQL query of every dashboard panel returns series, the numbers agree with the scheduler's ledger, and a
-worker started later is discovered and scraped without touching the configuration."""
+PromQL query of every dashboard panel returns series, the numbers agree with the scheduler's ledger and
+with what the workload must produce (prefix-cache hits, queue-time observations, swap / copy-on-write
+transfers timed on the worker), and a worker started later is discovered and scraped without touching the
+configuration.
+
+The pool is small (NUM_GPU_BLOCKS) and the scheduler preempts by swapping, so the swap workload must
+swap sequences out to the CPU and back in."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import socket
@@ -27,10 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "monitoring" / "grafana" / "dashboards"
 RULES = ROOT / "monitoring" / "prometheus" / "rules"
 MODEL = "smollm2-135m-instruct"
-NUM_GPU_BLOCKS = 256
+NUM_GPU_BLOCKS = 32
+NUM_CPU_BLOCKS = 64
 BLOCK_SIZE = 16
 # ~150 tokens, identical twice: the second request finds its full blocks in the prefix cache
 PREFIX_PROMPT = " ".join(f"Item {i}: the paged KV cache stores keys and values in blocks." for i in range(12))
+# Short prompts (less than one block: no prefix hits) that each grow to SWAP_TOKENS + prompt tokens, i.e. 10
+# blocks: 4 of them need 40 blocks of the 32, so the scheduler must swap one out and back in later.
+SWAP_PROMPTS = ["Tell me about lighthouses.", "Describe a storm at sea.", "Explain how tides work.",
+                "Write about a harbour town."]
+SWAP_TOKENS = 140
 
 
 def free_port() -> int:
@@ -42,7 +54,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("obs-fleet"), num_workers=1, num_gpu_blocks=NUM_GPU_BLOCKS,
-              max_model_len=1024, housekeeping=False)
+              max_model_len=1024, housekeeping=False, scheduler_args=["--preemption-mode", "swap"],
+              worker_args=["--num-cpu-blocks", str(NUM_CPU_BLOCKS)])
     yield f
     f.dump_logs(20)
     f.close()
@@ -85,14 +98,15 @@ class Prometheus:
                 raise RuntimeError("prometheus did not start: " + (workdir / "prometheus.log").read_text())
             time.sleep(0.2)
 
-    def query(self, expr: str) -> list[dict]:
-        r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        r = httpx.get(self.url + "/api/v1/query", params=params, timeout=10)
         body = r.json()
         assert body.get("status") == "success", f"{expr}: {body}"
         return body["data"]["result"]
 
-    def scalar(self, expr: str) -> float:
-        res = self.query(expr)
+    def scalar(self, expr: str, at: float | None = None) -> float:
+        res = self.query(expr, at)
         assert len(res) == 1, f"{expr}: {res}"
         return float(res[0]["value"][1])
 
@@ -135,16 +149,45 @@ def worker_stats(fleet: Fleet) -> dict:
     return w["stats"]
 
 
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """One /metrics scrape: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
+        for smp in fam.samples:
+            out[(smp.name, frozenset(smp.labels.items()))] = smp.value
+    return out
+
+
+def pick(samples: dict, name: str, **labels) -> float | None:
+    """The value of the one sample of ``name`` whose labels include ``labels`` (None if there is none)."""
+    want = set(labels.items())
+    vals = [v for (n, ls), v in samples.items() if n == name and want <= ls]
+    assert len(vals) <= 1, (name, labels, vals)
+    return vals[0] if vals else None
+
+
 def scheduler_gauge(fleet: Fleet, name: str, worker: str = "worker0") -> float | None:
-    text = httpx.get(fleet.scheduler_url + "/metrics", timeout=5).text
-    m = re.search(rf'^{name}\{{[^}}]*worker="{worker}"[^}}]*\}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else None
+    return pick(scrape(fleet.scheduler_url), name, worker=worker)
 
 
-def panel_queries() -> list[tuple[str, str, str]]:
+def wait_exported(fleet: Fleet, name: str, value: float, timeout: float = 15.0, **labels) -> float:
+    """Wait until the scheduler exports ``value`` (it refreshes the ledger metrics when it goes idle)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pick(scrape(fleet.scheduler_url), name, worker="worker0", **labels)
+        if got == value or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def panel_queries(title: str | None = None) -> list[tuple[str, str, str]]:
     out = []
     for f in sorted(DASHBOARDS.glob("*.json")):
         for p in json.loads(f.read_text())["panels"]:
+            if title is not None and p["title"] != title:
+                continue
             for t in p.get("targets", []):
                 out.append((f.name, p["title"], t["expr"]))
     return out
@@ -157,30 +200,65 @@ def grafana_to_promql(expr: str) -> str:
 
 @pytest.fixture(scope="module")
 def workload(fleet, prometheus):
-    """A known workload: a prompt twice (prefix hits), parallel sampling (shared blocks), concurrent
-    requests; while a long request decodes, the scheduler's exported waste is compared with its ledger."""
+    """A known workload: a prompt twice (prefix hits), parallel sampling (shared blocks, copy-on-write),
+    concurrent requests, then more sequences than the pool holds (swap out / swap in); meanwhile the
+    scheduler's exported waste is compared with its ledger."""
     prometheus.wait_scraped({"pagedfleet-gateway": 1, "pagedfleet-scheduler": 1, "pagedfleet-worker": 1})
     before = worker_stats(fleet)
-    first = complete(fleet, PREFIX_PROMPT, max_tokens=2, temperature=0)
-    prompt_tokens = first["usage"]["prompt_tokens"]
-    complete(fleet, PREFIX_PROMPT, max_tokens=2, temperature=0)
-    expected_hits = (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert before["num_steps"] == 0, "the workload must start on a fresh worker"
+    sched0 = scrape(fleet.scheduler_url)
+    gw0 = scrape(fleet.url)
+    out: dict = {"before": before, "requests": 0}
+
+    # --- prefix cache: the same prompt twice, one after the other
+    hits, queries = [], []
+    cached_gw = []
+    for _ in range(2):
+        r = complete(fleet, PREFIX_PROMPT, max_tokens=2, temperature=0)
+        out["requests"] += 1
+        st = worker_stats(fleet)
+        hits.append(wait_exported(fleet, "pagedfleet_prefix_cache_hit_tokens_total", st["prefix_cache_hit_tokens"]))
+        queries.append(wait_exported(fleet, "pagedfleet_prefix_cache_query_tokens_total",
+                                     st["prefix_cache_query_tokens"]))
+        cached_gw.append(pick(scrape(fleet.url), "pagedfleet_request_cached_tokens_total", model=MODEL))
+    prompt_tokens = r["usage"]["prompt_tokens"]
+    # the rule (KVCacheManager.find_cached_prefix): only full blocks, and never the prompt's last token (the
+    # step needs its logits), so at most (prompt_tokens - 1) // BLOCK_SIZE blocks of the first request's
+    out["prompt_tokens"] = prompt_tokens
+    out["expected_hits"] = (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+    h0 = pick(sched0, "pagedfleet_prefix_cache_hit_tokens_total", worker="worker0")
+    q0 = pick(sched0, "pagedfleet_prefix_cache_query_tokens_total", worker="worker0")
+    c0 = pick(gw0, "pagedfleet_request_cached_tokens_total", model=MODEL)
+    out["hit_deltas"] = [hits[0] - h0, hits[1] - hits[0]]
+    out["query_deltas"] = [queries[0] - q0, queries[1] - queries[0]]
+    out["gateway_cached_deltas"] = [cached_gw[0] - c0, cached_gw[1] - cached_gw[0]]
 
     waste_matches: list[float] = []
+    inconsistent: list[str] = []
     stop = threading.Event()
 
     def sample_waste():
         while not stop.is_set():
-            exported = scheduler_gauge(fleet, "pagedfleet_kv_waste_tokens")
-            ledger = worker_stats(fleet)["kv_waste_tokens"]
-            again = scheduler_gauge(fleet, "pagedfleet_kv_waste_tokens")
-            if exported == again and exported == ledger and ledger > 0:
-                waste_matches.append(ledger)
+            exported = scrape(fleet.scheduler_url)
+            ledger = worker_stats(fleet)
+            again = scrape(fleet.scheduler_url)
+            w = pick(exported, "pagedfleet_kv_waste_tokens", worker="worker0")
+            slots = pick(exported, "pagedfleet_kv_used_slots", worker="worker0")
+            ratio = pick(exported, "pagedfleet_kv_waste_ratio", worker="worker0")
+            used = pick(exported, "pagedfleet_kv_blocks_used", worker="worker0", pool="gpu")
+            free = pick(exported, "pagedfleet_kv_blocks_free", worker="worker0", pool="gpu")
+            # one scrape is one ledger snapshot: its numbers agree with each other at every moment
+            if used + free != NUM_GPU_BLOCKS or slots != used * BLOCK_SIZE or \
+                    ratio != pytest.approx(w / slots if slots else 0.0):
+                inconsistent.append(f"used {used} free {free} slots {slots} waste {w} ratio {ratio}")
+            if w == pick(again, "pagedfleet_kv_waste_tokens", worker="worker0") and \
+                    w == ledger["kv_waste_tokens"] > 0 and slots == ledger["kv_slots_allocated"]:
+                waste_matches.append(w)
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample_waste, daemon=True)
     sampler.start()
-    with ThreadPoolExecutor(4) as ex:
+    with ThreadPoolExecutor(5) as ex:
         futs = [ex.submit(complete, fleet, "Write a long story about a lighthouse keeper.", max_tokens=40,
                           ignore_eos=True, temperature=0)]
         futs += [ex.submit(complete, fleet, p, max_tokens=12, temperature=0.7, seed=i)
@@ -189,12 +267,24 @@ def workload(fleet, prometheus):
                               seed=3))
         for f in futs:
             f.result()
+    out["requests"] += len(futs)
+    # more than the pool holds: swap out, swap in; and a forked request (copy-on-write) among them, so
+    # every KV transfer op happens within the last minute of the panels' rate windows
+    with ThreadPoolExecutor(len(SWAP_PROMPTS) + 1) as ex:
+        futs = [ex.submit(complete, fleet, p, max_tokens=SWAP_TOKENS, ignore_eos=True, temperature=0)
+                for p in SWAP_PROMPTS]
+        futs.append(ex.submit(complete, fleet, "A haiku about the wind:", max_tokens=6, n=2, temperature=0.9,
+                              seed=5))
+        for f in futs:
+            f.result()
+    out["requests"] += len(futs)
     stop.set()
     sampler.join(5)
     # the scheduler refreshes the ledger gauges when it goes idle; Prometheus scrapes every second and
     # evaluates the recording rules every 5 s
     time.sleep(8)
-    return {"before": before, "expected_hits": expected_hits, "waste_matches": waste_matches}
+    out.update(waste_matches=waste_matches, inconsistent=inconsistent, at=time.time(), sched0=sched0)
+    return out
 
 
 def test_every_dashboard_query_returns_series(prometheus, workload):
@@ -223,6 +313,7 @@ def test_block_counts_add_up(fleet, prometheus, workload):
 
 
 def test_waste_matches_the_ledger(fleet, prometheus, workload):
+    assert not workload["inconsistent"], workload["inconsistent"][:5]
     assert workload["waste_matches"], "the exported waste never matched the ledger's kv_waste_tokens"
     # every value Prometheus recorded is a waste of less than one block per running sequence
     worst = prometheus.scalar('max_over_time(pagedfleet_kv_waste_tokens{worker="worker0"}[5m])')
@@ -234,20 +325,68 @@ def test_waste_matches_the_ledger(fleet, prometheus, workload):
 
 
 def test_prefix_hits_match_the_workload(fleet, prometheus, workload):
+    expected = workload["expected_hits"]
+    assert expected >= 128
+    # first request: nothing cached yet; second: exactly the full blocks before the last prompt token
+    assert workload["hit_deltas"] == [0, expected]
+    assert workload["query_deltas"] == [workload["prompt_tokens"]] * 2
+    assert workload["gateway_cached_deltas"] == [0, expected]
+    # and after everything, Prometheus has the ledger's totals
     stats = worker_stats(fleet)
     hits = prometheus.scalar('pagedfleet_prefix_cache_hit_tokens_total{worker="worker0"}')
     queried = prometheus.scalar('pagedfleet_prefix_cache_query_tokens_total{worker="worker0"}')
     assert hits == stats["prefix_cache_hit_tokens"] and queried == stats["prefix_cache_query_tokens"]
-    assert hits - workload["before"]["prefix_cache_hit_tokens"] >= workload["expected_hits"] >= 128
-    assert prometheus.scalar('sum(pagedfleet_request_cached_tokens_total)') >= workload["expected_hits"]
+    assert prometheus.scalar('sum(pagedfleet_request_cached_tokens_total)') >= expected
     assert prometheus.scalar("pagedfleet:prefix_cache_hit:fleet_ratio_rate5m") > 0
+
+
+def test_queue_time_is_observed_once_per_request(fleet, prometheus, workload):
+    n0 = pick(workload["sched0"], "pagedfleet_request_queue_seconds_count", worker="worker0")
+    count = prometheus.scalar('pagedfleet_request_queue_seconds_count{worker="worker0"}')
+    assert count - n0 == workload["requests"]
+    # arrival -> first StepPlan is part of arrival -> finish
+    total = prometheus.scalar('pagedfleet_request_queue_seconds_sum{worker="worker0"}')
+    assert 0 < total <= prometheus.scalar("sum(pagedfleet_request_e2e_seconds_sum)")
+    # the overview's queue-time panel draws numbers
+    for _dash, _title, expr in panel_queries(title="Queue time"):
+        values = [float(r["value"][1]) for r in prometheus.query(grafana_to_promql(expr), workload["at"])]
+        assert values and all(math.isfinite(v) and v > 0 for v in values), (expr, values)
+
+
+def test_kv_transfers_are_timed_on_the_worker(fleet, prometheus, workload):
+    """Every block the scheduler ordered swapped or copied was moved, and timed, by the worker; the
+    transfer panels draw real numbers."""
+    stats = worker_stats(fleet)
+    (info,) = [w["info"] for w in fleet.workers() if w["worker_id"] == "worker0"]
+    w = '{worker="worker0"}'
+    assert prometheus.scalar(f'pagedfleet_preemptions_total{{worker="worker0", mode="swap", reason="out_of_blocks"}}') \
+        == stats["preemptions_swap"] > 0
+    ledger = {"swap_out": stats["swap_out_blocks"], "swap_in": stats["swap_in_blocks"], "copy": stats["cow_copies"]}
+    ordered = {"swap_out": f'pagedfleet_kv_swap_blocks_total{{worker="worker0", direction="out"}}',
+               "swap_in": f'pagedfleet_kv_swap_blocks_total{{worker="worker0", direction="in"}}',
+               "copy": f"pagedfleet_kv_cow_copies_total{w}"}
+    for op, expr in ordered.items():
+        sel = f'{{worker="worker0", op="{op}"}}'
+        moved = prometheus.scalar(f"pagedfleet_worker_kv_transfer_blocks_total{sel}")
+        assert moved == prometheus.scalar(expr) == ledger[op] > 0, op
+        assert prometheus.scalar(f"pagedfleet_worker_kv_transfer_bytes_total{sel}") == moved * info["kv_block_bytes"]
+        assert prometheus.scalar(f"pagedfleet_worker_kv_transfer_seconds_count{sel}") >= 1
+        assert prometheus.scalar(f"pagedfleet_worker_kv_transfer_seconds_sum{sel}") > 0
+    # every op shows up with a finite, positive value in the panels (p50 / p99 time, bandwidth)
+    for title in ("KV transfer time", "KV transfer bandwidth"):
+        for _dash, _title, expr in panel_queries(title=title):
+            res = prometheus.query(grafana_to_promql(expr), workload["at"])
+            ops = {r["metric"]["op"] for r in res
+                   if math.isfinite(float(r["value"][1])) and float(r["value"][1]) > 0}
+            assert ops == {"swap_out", "swap_in", "copy"}, (title, expr, res)
 
 
 def test_request_metrics_count_the_workload(prometheus, workload):
     finished = prometheus.scalar("sum(pagedfleet_requests_finished_total)")
-    assert finished >= 7
-    assert prometheus.scalar('sum(pagedfleet_requests_finished_total{reason="length"})') >= 6
-    assert prometheus.scalar("sum(pagedfleet_generation_tokens_total)") >= 40 + 3 * 12 + 2 * 10 + 2 * 2
+    assert finished == workload["requests"]
+    assert prometheus.scalar('sum(pagedfleet_requests_finished_total{reason="length"})') >= 1 + len(SWAP_PROMPTS)
+    assert prometheus.scalar("sum(pagedfleet_generation_tokens_total)") >= \
+        40 + 3 * 12 + 2 * 10 + 2 * 2 + len(SWAP_PROMPTS) * SWAP_TOKENS
     assert prometheus.scalar("sum(pagedfleet_request_ttft_seconds_count)") == finished
     assert prometheus.scalar("sum(pagedfleet_requests_in_flight)") == 0
 
