@@ -29,8 +29,11 @@ def _engine(model, device, dtype, backend, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, attention_backend=backend, **kw))
 
 
-def _free(engine) -> None:
+def _free(engine=None) -> None:
+    """Release the GPU memory of engines no longer referenced (cycles included) before the next part. The
+    engine froze the GC heap at init (EngineConfig.freeze_gc): unfreeze so dead cycles can be collected."""
     del engine
+    gc.unfreeze()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -48,7 +51,8 @@ def correctness(model: str, device: str, dtype: str, num_blocks: int) -> dict:
             eng.add_request(p, params)
         outs = sorted(eng.run_to_completion(), key=lambda o: int(o.request_id.split("-")[1]))
         runs[backend] = [o.outputs[0] for o in outs]
-        _free(eng)
+        eng = None
+        _free()
     same = all(a.token_ids == b.token_ids for a, b in zip(runs["torch"], runs["triton"]))
     diffs = []
     for a, b in zip(runs["torch"], runs["triton"]):
@@ -137,8 +141,10 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
            "ms_per_step_execute": round(1000 * acc["execute"] / steps, 3),
            "ms_per_step_update": round(1000 * acc["update"] / steps, 3),
            "ms_per_step_rest": round(1000 * (dt - acc["schedule"] - acc["execute"] - acc["update"]) / steps, 3)}
-    _free(eng)
-    return res
+    for obj, name in ((eng.scheduler, "schedule"), (eng.scheduler, "update"), (eng.runner, "execute"),
+                      (eng.runner, "_run")):
+        delattr(obj, name)  # drop the wrappers (they make reference cycles)
+    return res  # the caller frees the engine (_free)
 
 
 def main() -> None:
@@ -161,13 +167,15 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     if not a.skip_correctness:
         print(json.dumps(correctness(a.model, a.device, a.check_dtype, a.num_blocks)), flush=True)
+        _free()
     if not a.skip_throughput:
         graphs = not a.no_cuda_graphs
-        print(json.dumps(throughput(a.model, a.device, a.dtype, "auto", a.max_num_seqs, graphs)), flush=True)
-        if a.fp8:
-            print(json.dumps(throughput(a.model, a.device, a.dtype, "fp8", a.max_num_seqs, graphs)), flush=True)
+        runs = [("auto", graphs)] + ([("fp8", graphs)] if a.fp8 else [])
         if a.compare_graphs and graphs:
-            print(json.dumps(throughput(a.model, a.device, a.dtype, "auto", a.max_num_seqs, False)), flush=True)
+            runs += [("auto", False)] + ([("fp8", False)] if a.fp8 else [])
+        for kv, g in runs:
+            print(json.dumps(throughput(a.model, a.device, a.dtype, kv, a.max_num_seqs, g)), flush=True)
+            _free()
 
 
 if __name__ == "__main__":

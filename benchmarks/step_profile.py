@@ -29,6 +29,45 @@ def _fill_random(kv: torch.Tensor) -> None:
         del x
 
 
+def _cpu_table(prof, top: int = 10) -> list[dict]:
+    rows = [{"op": e.key[:60], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
+            for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["self_cpu_us"])
+    return rows[:top]
+
+
+def fused_check() -> dict:
+    """The fused elementwise kernels against float64 references on the GPU (fresh random inputs)."""
+    import kernels
+
+    res = {"part": "fused_check"}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float32):
+        T, nq, nkv, D, H, I = 300, 32, 8, 128, 4096, 14336
+        qkv = torch.randn((T, (nq + 2 * nkv) * D), device="cuda", generator=g).to(dtype)
+        qk = qkv[:, : (nq + nkv) * D].view(T, nq + nkv, D)
+        cs = torch.randn((T, D), device="cuda", generator=g).to(dtype)
+        cos, sin = cs[:, None, : D // 2], cs[:, None, D // 2:]
+        x = torch.randn((T, 2 * I), device="cuda", generator=g).to(dtype)
+        h, r = torch.randn((2, T, H), device="cuda", generator=g).to(dtype)
+        w = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).to(dtype)
+
+        def err(a, b):
+            return float((a.double() - b.double()).norm() / b.double().norm())
+
+        out, s_ = kernels.add_rms_norm(h, r, w, 1e-5)
+        ref_out, _ = kernels.add_rms_norm_ref(h.double(), r.double(), w.double(), 1e-5)
+        name = str(dtype).split(".")[-1]
+        res[name] = {
+            "rotary": err(kernels.rotary(qk, cos, sin), kernels.rotary_ref(qk.double(), cos.double(), sin.double())),
+            "silu_and_mul": err(kernels.silu_and_mul(x), kernels.silu_and_mul_ref(x.double())),
+            "add_rms_norm": err(out, ref_out), "residual_bitwise": bool(torch.equal(s_, h + r)),
+            "torch_rotary_err": err(kernels.rotary_ref(qk, cos, sin),
+                                    kernels.rotary_ref(qk.double(), cos.double(), sin.double())),
+        }
+    return res
+
+
 def _kernel_table(prof, top: int = 14) -> list[dict]:
     rows = []
     for e in prof.key_averages():
@@ -41,13 +80,14 @@ def _kernel_table(prof, top: int = 14) -> list[dict]:
     return rows[:top]
 
 
-def profile(model: str, kv_dtype: str, batch: int, ctx: int, steps: int, prefill_tokens: int) -> list[dict]:
+def profile(model: str, kv_dtype: str, batch: int, ctx: int, steps: int, prefill_tokens: int,
+            min_blocks: int = 0) -> list[dict]:
     bs = 16
     nb_seq = -(-(ctx + 2 * steps + 16) // bs)
     n_pre = 8
     pre_len = prefill_tokens // n_pre
     nb_pre = -(-pre_len // bs)
-    num_blocks = batch * nb_seq + n_pre * nb_pre + 8
+    num_blocks = max(batch * nb_seq + n_pre * nb_pre + 8, min_blocks)
     t0 = time.perf_counter()
     r = ModelRunner(WorkerConfig(model=model, device="cuda", dtype="bfloat16", kv_cache_dtype=kv_dtype,
                                  num_gpu_blocks=num_blocks, num_cpu_blocks=0, max_model_len=2048,
@@ -100,6 +140,7 @@ def profile(model: str, kv_dtype: str, batch: int, ctx: int, steps: int, prefill
             ts.append(time.perf_counter() - t)
         ts.sort()
         rec = {"part": "decode_step", "kv_cache_dtype": kv_dtype, "mode": mode, "batch": batch, "ctx": ctx,
+               "num_gpu_blocks": num_blocks,
                "median_ms": round(1e3 * ts[len(ts) // 2], 3), "min_ms": round(1e3 * ts[0], 3)}
         if ev:
             torch.cuda.synchronize()
@@ -114,7 +155,8 @@ def profile(model: str, kv_dtype: str, batch: int, ctx: int, steps: int, prefill
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    rec = {"part": "decode_kernels_2_steps", "kv_cache_dtype": kv_dtype, "kernels": _kernel_table(prof)}
+    rec = {"part": "decode_kernels_2_steps", "kv_cache_dtype": kv_dtype, "num_gpu_blocks": num_blocks,
+           "kernels": _kernel_table(prof), "cpu_ops": _cpu_table(prof)}
     out.append(rec)
     print(json.dumps(rec), flush=True)
     # a prefill step: n_pre new prompts of pre_len tokens in one flat batch (no decodes)
@@ -133,18 +175,32 @@ def profile(model: str, kv_dtype: str, batch: int, ctx: int, steps: int, prefill
         free = [10_000 + j for j in range(n_pre)] if k else []
         return r.execute(StepPlan(step_id=step_id, freed_seq_ids=free, new_sequences=pre, scheduled=psched))
 
+    from gpu_worker.layers import _fused
+
     prefill_step(0)
     torch.cuda.synchronize()
-    ts = []
-    for k in range(1, 4):
+    k = 1
+    unfused = []
+    saved = _fused._ops
+    _fused._ops = False  # the torch compositions, for comparison
+    for _ in range(3):
         t = time.perf_counter()
         prefill_step(k)
+        k += 1
+        unfused.append(time.perf_counter() - t)
+    _fused._ops = saved
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        prefill_step(k)
+        k += 1
         ts.append(time.perf_counter() - t)
     with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        prefill_step(4)
+        prefill_step(k)
         torch.cuda.synchronize()
     rec = {"part": "prefill_step", "kv_cache_dtype": kv_dtype, "tokens": n_pre * pre_len,
-           "median_ms": round(1e3 * sorted(ts)[1], 2), "kernels": _kernel_table(prof, 10),
+           "median_ms": round(1e3 * sorted(ts)[1], 2), "median_ms_unfused": round(1e3 * sorted(unfused)[1], 2),
+           "fused_kernels": bool(saved), "kernels": _kernel_table(prof, 10),
            "init_s": round(init_s, 1),
            "graph_capture_s": None if graphs is None else round(graphs.capture_s, 2),
            "graph_memory_mib": None if graphs is None else round(graphs.memory_bytes / 2**20)}
@@ -163,11 +219,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill-tokens", type=int, default=4096)
     ap.add_argument("--kv", nargs="+", default=["auto", "fp8"])
+    ap.add_argument("--min-blocks", type=int, nargs="+", default=[0],
+                    help="KV cache sizes (blocks) to run each dtype with (0: just what the run needs)")
     a = ap.parse_args()
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d")}), flush=True)
+    print(json.dumps(fused_check()), flush=True)
     for kv in a.kv:
-        profile(a.model, kv, a.batch, a.ctx, a.steps, a.prefill_tokens)
+        for nb in a.min_blocks:
+            profile(a.model, kv, a.batch, a.ctx, a.steps, a.prefill_tokens, nb)
 
 
 if __name__ == "__main__":

@@ -620,9 +620,10 @@ class _CudaGraphs:
 
     def __init__(self, runner: "ModelRunner", emulate: bool = False):
         """``emulate``: no capture; each "replay" runs the model eagerly on the static buffers (tests the
-        input staging on the CPU)."""
-        self.r = runner
+        input staging on the CPU). No reference to the runner is kept (it owns this object: a cycle
+        would keep the model and the graph pool alive until the cyclic GC runs)."""
         cfg = runner.config
+        self.block_size, self.max_model_len = runner.block_size, runner.max_model_len
         dev = runner.device
         cuda = dev.type == "cuda"
         self.sizes = sorted({int(b) for b in (cfg.cuda_graph_batch_sizes or _default_graph_sizes(cfg.max_num_seqs))})
@@ -644,13 +645,13 @@ class _CudaGraphs:
         self.memory_bytes = 0
         if emulate:
             for pb in self.sizes:
-                self.graphs[pb] = _EagerReplay(self, pb)
+                self.graphs[pb] = _EagerReplay(self, runner, pb)
             return
         self.pool = torch.cuda.graph_pool_handle()
         t0 = time.perf_counter()
         free0 = torch.cuda.mem_get_info(dev)[0]
         with torch.cuda.device(dev):
-            self._capture_all()
+            self._capture_all(runner)
         free1 = torch.cuda.mem_get_info(dev)[0]
         self.capture_s = time.perf_counter() - t0
         self.memory_bytes = free0 - free1
@@ -658,14 +659,12 @@ class _CudaGraphs:
                  self.sizes, self.capture_s, self.memory_bytes / 2**20)
 
     def _meta(self, pb: int) -> AttentionMetadata:
-        r = self.r
         return AttentionMetadata(slot_mapping=self.slots[:pb], block_tables=self.bt[:pb], seq_lens=self.lens[:pb],
-                                 query_start_loc=self.qsl[: pb + 1], max_query_len=1, max_seq_len=r.max_model_len,
-                                 is_decode_only=True, block_size=r.block_size)
+                                 query_start_loc=self.qsl[: pb + 1], max_query_len=1, max_seq_len=self.max_model_len,
+                                 is_decode_only=True, block_size=self.block_size)
 
     @torch.inference_mode()
-    def _capture_all(self) -> None:
-        r = self.r
+    def _capture_all(self, r: "ModelRunner") -> None:
         dev = r.device
         for pb in reversed(self.sizes):
             args = (self.ids[:pb], self.pos[:pb], r.kv_cache, self._meta(pb), r.backend)
@@ -687,7 +686,7 @@ class _CudaGraphs:
         pb = self.sizes[bisect.bisect_left(self.sizes, S)]
         g, out = self.graphs[pb]
         M = self.max_batch_size
-        nb = min(-(-int(seq_lens.max()) // self.r.block_size), bt.shape[1], self.width)  # blocks read
+        nb = min(-(-int(seq_lens.max()) // self.block_size), bt.shape[1], self.width)  # blocks read
         h = self.host_np
         if self.copied is not None:
             self.copied.synchronize()
@@ -715,10 +714,10 @@ class _EagerReplay:
     """Stands in for a captured graph (``_CudaGraphs(emulate=True)``): runs the forward eagerly on the
     static buffers. The torch backend needs int64 slots and its per-step prepare."""
 
-    def __init__(self, graphs: _CudaGraphs, pb: int):
-        self.g, self.pb = graphs, pb
+    def __init__(self, graphs: _CudaGraphs, runner: "ModelRunner", pb: int):
+        self.g, self.r, self.pb = graphs, runner, pb
         self.calls = 0
-        r = graphs.r
+        r = runner
         self.out = torch.empty((pb, r.args.hidden_size), dtype=r.dtype, device=r.device)
 
     def __iter__(self):  # unpacks like the (graph, output) pairs
@@ -726,7 +725,7 @@ class _EagerReplay:
 
     @torch.inference_mode()
     def replay(self) -> None:
-        g, pb, r = self.g, self.pb, self.g.r
+        g, pb, r = self.g, self.pb, self.r
         self.calls += 1
         meta = replace(g._meta(pb), extras={})
         if r.backend.name == "torch":

@@ -4,11 +4,21 @@ Runs on CUDA tensors, and on CPU tensors through Triton's interpreter (set TRITO
 importing triton; CPU tensors are interpreted even if it wasn't set, only more slowly to start).
 """
 from .copy_blocks import copy_blocks, copy_blocks_ref
+from .fused_elementwise import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    rotary,
+    rotary_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
 from .paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from .paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "copy_blocks",
     "copy_blocks_ref",
     "paged_decode_attention",
@@ -17,4 +27,8 @@ __all__ = [
     "paged_prefill_attention_ref",
     "reshape_and_cache",
     "reshape_and_cache_ref",
+    "rotary",
+    "rotary_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
 ]

@@ -277,3 +277,32 @@ def test_triton_backend_matches_torch_backend(decode_only):
         outs.append(backend.forward(query, kv[0, 0], kv[0, 1], meta, HEAD_DIM**-0.5))
     assert torch.equal(caches[0], caches[1])
     assert _rel_err(outs[1], outs[0]) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_match_torch(dtype):
+    """rotary on the strided q|k view of a fused qkv projection, silu_and_mul, add_rms_norm: against the
+    torch compositions the layers use on the CPU, computed in float64."""
+    gen = torch.Generator().manual_seed(11)
+    T, nq, nkv, D = 5, 6, 2, 32
+    qkv = torch.randn((T, (nq + 2 * nkv) * D), generator=gen).to(dtype)
+    qk = qkv[:, : (nq + nkv) * D].view(T, nq + nkv, D)  # strided: row stride (nq + 2 nkv) * D
+    cs = torch.randn((T, D), generator=gen).to(dtype)
+    cos, sin = cs[:, None, : D // 2], cs[:, None, D // 2:]
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    out = kernels.rotary(qk, cos, sin)
+    ref = kernels.rotary_ref(qk.double(), cos.double(), sin.double())
+    assert out.dtype == dtype and out.is_contiguous() and _rel_err(out, ref) < tol
+
+    x = torch.randn((T, 2 * 48), generator=gen).to(dtype)
+    out = kernels.silu_and_mul(x)
+    assert out.shape == (T, 48) and _rel_err(out, kernels.silu_and_mul_ref(x.double())) < tol
+
+    h, res = torch.randn((2, T, 40), generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(40, generator=gen)).to(dtype)
+    out, s = kernels.add_rms_norm(h, res, w, 1e-5)
+    ref_out, ref_s = kernels.add_rms_norm_ref(h.double(), res.double(), w.double(), 1e-5)
+    # the residual stream: the same add, rounded once (bitwise on the GPU; the interpreter's bf16 casts
+    # truncate, so only within rounding here)
+    assert _rel_err(s, ref_s) < tol
+    assert _rel_err(out, ref_out) < tol

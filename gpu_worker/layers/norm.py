@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.layers._fused import fused
+
 
 class RMSNorm(nn.Module):
     """RMSNorm (``x * rsqrt(mean(x^2) + eps) * weight``), optionally fused with the residual add:
@@ -21,5 +23,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return self._norm(x)
+        ops = fused(x)  # CUDA: the add and the norm in one Triton kernel
+        if ops is not None:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
         x = x + residual
         return self._norm(x), x

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpu_worker.layers._fused import fused
+
 
 def compute_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
     """inverse frequencies [head_dim // 2] (float32) and the position scale (linear scaling)."""
@@ -61,7 +63,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] -> [x1 cos - x2 sin, x2 cos + x1 sin] (HF's rotate_half form), one allocation."""
+    """x [T, H, D] -> [x1 cos - x2 sin, x2 cos + x1 sin] (HF's rotate_half form), one allocation.
+    On CUDA one fused Triton kernel (float32 math, one rounding), else six torch ops."""
+    ops = fused(x)
+    if ops is not None:
+        return ops.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
