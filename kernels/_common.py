@@ -163,3 +163,12 @@ def compute_mode(q_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.d
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def gather_context_ref(cache: torch.Tensor, block_table: torch.Tensor, n: int, scale: float,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Torch references: the first ``n`` tokens of one sequence's cache ([n, kv_heads, head_dim]), gathered
+    through its block-table row and dequantised (times ``scale`` for FP8 caches) in ``dtype``."""
+    blocks = block_table[: cdiv(n, cache.shape[1])].long()
+    x = cache[blocks].flatten(0, 1)[:n].to(dtype)
+    return x * scale if is_fp8(cache.dtype) else x

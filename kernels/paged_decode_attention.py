@@ -33,6 +33,7 @@ from ._common import (
     check_cache,
     compute_mode,
     dot_precision,
+    gather_context_ref,
     is_fp8,
     kernel_for,
     next_pow2,
@@ -342,11 +343,6 @@ def paged_decode_attention(
 # reference
 
 
-def _dequant(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    x = cache.to(dtype)
-    return x * scale if is_fp8(cache.dtype) else x
-
-
 def paged_decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -365,7 +361,7 @@ def paged_decode_attention_ref(
     """Torch reference: gathers each sequence's K/V through its block table and computes in
     `compute_dtype` (float64 by default; float32 where float64 is unavailable, e.g. on MPS).
     Returns `out_dtype` (default q's dtype), or writes into `out`."""
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     batch, num_q_heads, head_dim = q.shape
     qpk = num_q_heads // num_kv_heads
     fp8 = is_fp8(k_cache.dtype)
@@ -378,9 +374,8 @@ def paged_decode_attention_ref(
         if n == 0:
             res[b] = 0
             continue
-        blocks = block_tables[b, : cdiv(n, block_size)].long()
-        k = _dequant(k_cache[blocks].flatten(0, 1)[:n], ks, compute_dtype)  # [n, Hkv, D]
-        v = _dequant(v_cache[blocks].flatten(0, 1)[:n], vs, compute_dtype)
+        k = gather_context_ref(k_cache, block_tables[b], n, ks, compute_dtype)  # [n, Hkv, D]
+        v = gather_context_ref(v_cache, block_tables[b], n, vs, compute_dtype)
         k = k.repeat_interleave(qpk, dim=1)  # [n, Hq, D]
         v = v.repeat_interleave(qpk, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].to(compute_dtype), k) * scale

@@ -23,7 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, as_float, check_cache, compute_mode, dot_precision, is_fp8, kernel_for, next_pow2
+from ._common import (
+    LOG2E,
+    as_float,
+    check_cache,
+    compute_mode,
+    dot_precision,
+    gather_context_ref,
+    is_fp8,
+    kernel_for,
+    next_pow2,
+)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
@@ -291,7 +301,7 @@ def paged_prefill_attention_ref(
 ) -> torch.Tensor:
     """Torch reference: per sequence, gather its context through the block table and run causal attention
     of its last q_len positions in `compute_dtype`."""
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     num_tokens, num_q_heads, head_dim = q.shape
     qpk = num_q_heads // num_kv_heads
     fp8 = is_fp8(k_cache.dtype)
@@ -306,12 +316,8 @@ def paged_prefill_attention_ref(
         ql = b - a
         if ql == 0:
             continue
-        nblk = -(-n // block_size)
-        blocks = block_tables[i, :nblk].long()
-        k = k_cache[blocks].flatten(0, 1)[:n].to(compute_dtype)
-        v = v_cache[blocks].flatten(0, 1)[:n].to(compute_dtype)
-        if fp8:
-            k, v = k * ks, v * vs
+        k = gather_context_ref(k_cache, block_tables[i], n, ks, compute_dtype)  # [n, Hkv, D]
+        v = gather_context_ref(v_cache, block_tables[i], n, vs, compute_dtype)
         k = k.repeat_interleave(qpk, dim=1)  # [n, Hq, D]
         v = v.repeat_interleave(qpk, dim=1)
         s = torch.einsum("qhd,nhd->hqn", q[a:b].to(compute_dtype), k) * scale

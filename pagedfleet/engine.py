@@ -44,6 +44,19 @@ class EngineConfig:
     extra_worker: dict[str, Any] = field(default_factory=dict)
 
 
+# EngineConfig fields passed on as they are to WorkerConfig and to SchedulerConfig. max_num_seqs goes to both
+# (the worker's largest CUDA-graph decode batch); max_num_batched_tokens only to the scheduler.
+_WORKER_OPTIONS = (
+    "device", "dtype", "block_size", "num_gpu_blocks", "num_cpu_blocks", "gpu_memory_utilization",
+    "kv_cache_dtype", "attention_backend", "max_model_len", "seed", "max_num_seqs",
+    "max_num_batched_tokens",  # the worker profiles a step of this size before sizing the KV cache
+)
+_SCHEDULER_OPTIONS = (
+    "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching", "policy",
+    "preemption_mode", "max_model_len",
+)
+
+
 @dataclass
 class _RequestState:
     output: RequestOutput
@@ -68,35 +81,13 @@ class LLMEngine:
         files = resolve_model(config.model)
         self.model_name = files.name
         self.tokenizer = Tokenizer(files.path) if files.path is not None else None
-        worker_kwargs = dict(
-            model=config.model or files.name,
-            device=config.device,
-            dtype=config.dtype,
-            block_size=config.block_size,
-            num_gpu_blocks=config.num_gpu_blocks,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            kv_cache_dtype=config.kv_cache_dtype,
-            attention_backend=config.attention_backend,
-            max_model_len=config.max_model_len,
-            seed=config.seed,
-            max_num_seqs=config.max_num_seqs,  # largest decode batch the worker captures in a CUDA graph
-        )
-        if config.num_cpu_blocks is not None:
-            worker_kwargs["num_cpu_blocks"] = config.num_cpu_blocks
+        worker_kwargs = {name: getattr(config, name) for name in _WORKER_OPTIONS}
+        worker_kwargs["model"] = config.model or files.name
         worker_kwargs.update(config.extra_worker)
         self.runner = ModelRunner(WorkerConfig(**worker_kwargs), worker_id="local")
         self.worker_info = self.runner.info
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                enable_prefix_caching=config.enable_prefix_caching,
-                policy=config.policy,
-                preemption_mode=config.preemption_mode,
-                max_model_len=config.max_model_len,
-            ),
-            self.worker_info,
+            SchedulerConfig(**{name: getattr(config, name) for name in _SCHEDULER_OPTIONS}), self.worker_info
         )
         self.max_model_len = self.worker_info.max_model_len
         self._requests: dict[str, _RequestState] = {}
@@ -106,7 +97,7 @@ class LLMEngine:
             gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int], chat: bool = False) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             ids = prompt
             text = None
