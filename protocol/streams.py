@@ -46,6 +46,7 @@ SCHEDULER_INFO = PREFIX + "scheduler"
 SCHEDULER_GROUP = "scheduler"
 WORKER_GROUP = "worker"
 FIELD = "m"
+VERSION_FIELD = "v"  # the protocol version travels beside the body, which omits default values
 
 # Streams are trimmed to about this many entries, never past an unacknowledged one.
 REQUESTS_MAXLEN = 10_000
@@ -163,8 +164,13 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def encode(msg: BaseModel) -> dict[str, str]:
-    """Fields of a stream entry for one message."""
-    return {FIELD: msg.model_dump_json(exclude_defaults=False)}
+    """Fields of a stream entry for one message.
+
+    Default values are left out of the body (a decode step's plan is mostly empty lists and False),
+    so the version goes in its own field and is checked on decode.
+    """
+    return {FIELD: msg.model_dump_json(exclude_defaults=True),
+            VERSION_FIELD: str(getattr(msg, "version", PROTOCOL_VERSION))}
 
 
 def decode(fields: dict, model: type[M]) -> M:
@@ -174,6 +180,9 @@ def decode(fields: dict, model: type[M]) -> M:
         raise KeyError(f"stream entry has no {FIELD!r} field")
     if isinstance(raw, bytes):
         raw = raw.decode()
+    version = fields.get(VERSION_FIELD, fields.get(VERSION_FIELD.encode()))
+    if version is not None and int(version) != PROTOCOL_VERSION:
+        raise ValueError(f"protocol version {int(version)} is not ours ({PROTOCOL_VERSION})")
     return model.model_validate_json(raw)
 
 

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from fleet_harness import Fleet
-from protocol import SamplingParams
+from protocol import RequestOutputDelta, SamplingParams
+from protocol import streams as S
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -232,7 +233,7 @@ def _wait_tokens(fleet, n_streams: int, n_entries: int = 3, timeout: float = 60)
 
 def _finished(r, key) -> bool:
     last = r.xrevrange(key, count=1)
-    return bool(last) and json.loads(last[0][1]["m"])["finished"]
+    return bool(last) and S.decode(last[0][1], RequestOutputDelta).finished
 
 
 def _used_blocks(fleet) -> int:
