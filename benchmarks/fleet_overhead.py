@@ -1,12 +1,16 @@
-"""Fleet overhead: the same 32 CPU requests (workload cpu32) through the fleet vs the offline engine.
+"""Fleet overhead: the same requests (workload cpu32 or mixed) through the fleet vs the offline engine.
 
     .venv/bin/python benchmarks/fleet_overhead.py [--threads 1] [--workers 1] [--repeat 2] [--save]
+    python benchmarks/fleet_overhead.py --device cuda --model random:llama-3-8b --workload mixed \
+        --max-num-batched-tokens 4096 --repeat 1          # on a GPU: 256 requests, KV cache sized by the worker
 
 Offline: `LLMEngine` (scheduler + model runner in one process) runs the 32 requests with continuous
 batching. Fleet: real processes (redis-server, scheduler service, `--workers` CPU workers, gateway), the
 32 requests sent at once to the gateway's /v1/completions (token-id prompts, greedy, ignore_eos), timed
 from the first send to the last response. Both use the same torch thread count per model runner, and
-the same KV cache size. Throughput = generated tokens / wall seconds. Prints one JSON object; --save
+the same KV cache size (on CUDA with no --num-gpu-blocks, each sizes its own at gpu_memory_utilization 0.9).
+On CUDA the two cannot share the GPU: the fleet runs first (all repeats), is shut down, then the offline
+engine (in this process) runs. Throughput = generated tokens / wall seconds. Prints one JSON object; --save
 also writes it under benchmarks/results/ with the date, the machine and the command.
 """
 
@@ -26,12 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the process launcher the fleet tests use
 
-NUM_GPU_BLOCKS = 1024
+NUM_GPU_BLOCKS = 1024  # CPU default
 MAX_MODEL_LEN = 2048
+DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
 
 
 class Offline:
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, a=None):
         import torch
 
         from pagedfleet.engine import EngineConfig, LLMEngine
@@ -39,7 +44,14 @@ class Offline:
 
         torch.set_num_threads(threads)
         self.SamplingParams = SamplingParams
-        self.engine = LLMEngine(EngineConfig(num_gpu_blocks=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN))
+        kw = {}
+        if a is not None:
+            kw = dict(model=a.model, device=a.device, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
+                      max_num_batched_tokens=a.max_num_batched_tokens)
+        else:
+            kw = dict(num_gpu_blocks=NUM_GPU_BLOCKS)
+        self.engine = LLMEngine(EngineConfig(max_model_len=MAX_MODEL_LEN, **kw))
+        self.num_gpu_blocks = self.engine.worker_info.num_gpu_blocks
         self.execute_s = 0.0
         runner = self.engine.runner
         inner = runner.execute
@@ -58,12 +70,14 @@ class Offline:
         engine = self.engine
         engine.add_request(reqs[0][0], sp(temperature=0, max_tokens=2, ignore_eos=True))
         engine.run_to_completion()  # warm-up
+        _sync()
         steps0 = engine.scheduler.stats()["num_steps"]
         self.execute_s = 0.0
         t0 = time.perf_counter()
         for ids, out_len in reqs:
             engine.add_request(ids, sp(temperature=0, max_tokens=out_len, ignore_eos=True))
         outs = engine.run_to_completion()
+        _sync()
         wall = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return {"tokens": tokens, "s": round(wall, 3), "tok_s": round(tokens / wall, 1),
@@ -71,18 +85,25 @@ class Offline:
                 "overhead_share": round(1 - self.execute_s / wall, 4)}
 
 
-async def _send_all(url: str, reqs) -> tuple[int, float, list]:
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+async def _send_all(url: str, reqs, name: str = DEFAULT_SERVED_NAME) -> tuple[int, float, list]:
     import httpx
 
     limits = httpx.Limits(max_connections=len(reqs) + 4, max_keepalive_connections=len(reqs) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         # warm-up (not timed)
-        r = await c.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": reqs[0][0],
+        r = await c.post("/v1/completions", json={"model": name, "prompt": reqs[0][0],
                                                   "max_tokens": 2, "temperature": 0, "ignore_eos": True})
         r.raise_for_status()
 
         async def one(ids, n):
-            r = await c.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": ids,
+            r = await c.post("/v1/completions", json={"model": name, "prompt": ids,
                                                       "max_tokens": n, "temperature": 0, "ignore_eos": True})
             r.raise_for_status()
             return r.json()
@@ -93,18 +114,49 @@ async def _send_all(url: str, reqs) -> tuple[int, float, list]:
     return sum(x["usage"]["completion_tokens"] for x in res), wall, res
 
 
-def start_fleet(threads: int, workers: int, workdir: Path):
+def start_fleet(threads: int, workers: int, workdir: Path, a=None):
+    """``a``: the parsed options (model, device, num_gpu_blocks, max_num_seqs, max_num_batched_tokens); None: the
+    CPU defaults (the embedded model, 1024 blocks)."""
     from fleet_harness import Fleet
 
-    class BenchFleet(Fleet):
-        def start_worker(self, i: int):
-            return self.start(f"worker{i}", [sys.executable, "-m", "gpu_worker.service", "--worker-id", f"worker{i}",
-                                             "--device", "cpu", "--num-gpu-blocks", str(NUM_GPU_BLOCKS),
-                                             "--threads", str(threads), "--max-model-len", str(MAX_MODEL_LEN),
-                                             "--metrics-port", "0", "--log-level", "WARNING"])
+    model = getattr(a, "model", None)
+    device = getattr(a, "device", "cpu")
+    blocks = getattr(a, "num_gpu_blocks", NUM_GPU_BLOCKS)
+    name = served_name(model)
+    sched_args = [] if a is None else ["--max-num-seqs", str(a.max_num_seqs),
+                                       "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
 
-    return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN,
-                      env={"PAGEDFLEET_HEARTBEAT_INTERVAL_S": "0.5", "PAGEDFLEET_HEARTBEAT_TTL_S": "10"})
+    class BenchFleet(Fleet):
+        @staticmethod
+        def _model_dir():
+            return Fleet._model_dir() if model is None else ""
+
+        def start_worker(self, i: int):
+            cmd = [sys.executable, "-m", "gpu_worker.service", "--worker-id", f"worker{i}", "--device", device,
+                   "--threads", str(threads), "--max-model-len", str(MAX_MODEL_LEN),
+                   "--metrics-port", "0", "--log-level", "WARNING"]
+            if blocks is not None:
+                cmd += ["--num-gpu-blocks", str(blocks)]
+            if model is not None:
+                cmd += ["--model", model]
+            return self.start(f"worker{i}", cmd)
+
+        def start_gateway(self, name_: str = "gateway", port: int | None = None):
+            if model is None:
+                return super().start_gateway(name_, port)
+            port = port or self.gateway_port
+            return self.start(name_, [sys.executable, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(port),
+                                      "--served-model-name", name, "--model", model])
+
+    return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=blocks or 0, max_model_len=MAX_MODEL_LEN,
+                      scheduler_args=sched_args,
+                      env={"PAGEDFLEET_HEARTBEAT_INTERVAL_S": "0.5", "PAGEDFLEET_HEARTBEAT_TTL_S": "10",
+                           # keep this process's extra import path (e.g. carried wheels) for the fleet's processes
+                           "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)})
+
+
+def served_name(model: str | None) -> str:
+    return DEFAULT_SERVED_NAME if model is None else model
 
 
 def _phase_sums(f) -> dict[str, float]:
@@ -119,15 +171,15 @@ def _phase_sums(f) -> dict[str, float]:
     return out
 
 
-def run_fleet(f, reqs) -> dict:
+def run_fleet(f, reqs, name: str = DEFAULT_SERVED_NAME) -> dict:
     import httpx
 
     # warm-up outside the timed part (first request of a fresh gateway / worker)
-    httpx.post(f.url + "/v1/completions", timeout=120,
-               json={"model": "smollm2-135m-instruct", "prompt": reqs[0][0], "max_tokens": 2, "temperature": 0})
+    httpx.post(f.url + "/v1/completions", timeout=300,
+               json={"model": name, "prompt": reqs[0][0], "max_tokens": 2, "temperature": 0}).raise_for_status()
     before = f.stats()["workers"]
     p0 = _phase_sums(f)
-    tokens, wall, _ = asyncio.run(_send_all(f.url, reqs))
+    tokens, wall, _ = asyncio.run(_send_all(f.url, reqs, name))
     p1 = _phase_sums(f)
     after = f.stats()["workers"]
     steps = sum(after[w]["num_steps"] - before.get(w, {}).get("num_steps", 0) for w in after)
@@ -144,28 +196,79 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--save", action="store_true", help="write the JSON under benchmarks/results/")
     ap.add_argument("--workdir", default="/tmp/pagedfleet-fleet-bench")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default=None, help="resolve_model spec (default: the embedded SmolLM2-135M), "
+                                                  "e.g. random:llama-3-8b")
+    ap.add_argument("--workload", default="cpu32", choices=["cpu32", "mixed"])
+    ap.add_argument("--num-requests", type=int, default=None, help="only the first N requests of the workload")
+    ap.add_argument("--num-gpu-blocks", type=int, default=None,
+                    help="KV cache blocks of each model runner (default: 1024 on CPU, sized by the worker on CUDA)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--sequential", action="store_true",
+                    help="all fleet runs, then all offline runs (always so on CUDA)")
     args = ap.parse_args(argv)
+    if args.num_gpu_blocks is None and args.device == "cpu":
+        args.num_gpu_blocks = NUM_GPU_BLOCKS
 
-    from pagedfleet.bench.workloads import cpu32
+    from pagedfleet.bench.workloads import get_workload
+    from pagedfleet.model_files import resolve_model
 
-    wl = cpu32()
-    reqs = [(list(r.prompt_token_ids), r.sampling.max_tokens) for r in wl.requests]
-    off = Offline(args.threads)
-    f = start_fleet(args.threads, args.workers, Path(args.workdir))
+    wl = get_workload(args.workload)
+    vocab = int(resolve_model(args.model).config["vocab_size"])
+    wl_reqs = wl.requests[: args.num_requests] if args.num_requests else wl.requests
+    # token ids beyond a small (random:tiny) model's vocabulary wrap around; a no-op for vocabularies >= 49152
+    reqs = [([t % vocab for t in r.prompt_token_ids], r.sampling.max_tokens) for r in wl_reqs]
+    name = served_name(args.model)
     runs = []
-    try:
-        for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
+    device_name = "cpu"
+    if args.device == "cuda" or args.sequential:
+        # one GPU: the fleet's worker and the offline engine can't both hold a KV cache sized at 0.9 of it.
+        # The fleet first (this process touches no CUDA meanwhile), then the offline engine.
+        f = start_fleet(args.threads, args.workers, Path(args.workdir), args)
+        fleet_runs = []
+        try:
+            blocks_fleet = {w["worker_id"]: w["info"]["num_gpu_blocks"] for w in f.workers()}
+            for _ in range(args.repeat):
+                fleet_runs.append(run_fleet(f, reqs, name))
+                print(json.dumps({"fleet": fleet_runs[-1]}), file=sys.stderr, flush=True)
+        except BaseException:
+            f.dump_logs()
+            raise
+        finally:
+            f.close()
+        off = Offline(args.threads, args)
+        if args.device == "cuda":
+            import torch
+
+            device_name = torch.cuda.get_device_name()
+        for fl in fleet_runs:
             o = off.run(reqs)
-            fl = run_fleet(f, reqs)
             runs.append({"offline": o, "fleet": fl})
-            print(json.dumps(runs[-1]), file=sys.stderr)
-    finally:
-        f.close()
+            print(json.dumps({"offline": o}), file=sys.stderr, flush=True)
+        blocks = {"fleet": blocks_fleet, "offline": off.num_gpu_blocks}
+    else:
+        off = Offline(args.threads, args)
+        f = start_fleet(args.threads, args.workers, Path(args.workdir), args)
+        try:
+            for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
+                o = off.run(reqs)
+                fl = run_fleet(f, reqs, name)
+                runs.append({"offline": o, "fleet": fl})
+                print(json.dumps(runs[-1]), file=sys.stderr)
+        finally:
+            f.close()
+        blocks = args.num_gpu_blocks
     best_off = max((r["offline"] for r in runs), key=lambda x: x["tok_s"])
     best_fl = max((r["fleet"] for r in runs), key=lambda x: x["tok_s"])
     result = {
         "benchmark": "fleet_overhead",
-        "workload": "cpu32",
+        "workload": args.workload,
+        "model": args.model or DEFAULT_SERVED_NAME,
+        "device": device_name,
+        "num_gpu_blocks": blocks,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "requests": len(reqs),
         "generated_tokens": best_off["tokens"],
         "threads_per_runner": args.threads,
@@ -180,9 +283,10 @@ def main(argv=None) -> int:
         "fleet_vs_offline_compute_normalized": [
             round((1 - r["fleet"]["overhead_share"]) / (1 - r["offline"]["overhead_share"]), 3) for r in runs]
         if args.workers == 1 else None,
-        "target": 0.85,
+        "target": 0.85 if args.device == "cpu" else "7000 output tok/s through the fleet",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, shared with other jobs",
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus"
+                   + (", shared with other jobs" if args.device == "cpu" else ""),
         "python": platform.python_version(),
         "command": " ".join([".venv/bin/python", "benchmarks/fleet_overhead.py"]
                             + (argv if argv is not None else sys.argv[1:])),
