@@ -123,27 +123,43 @@ def _paged_prefill_kernel(
         last_pos = tl.minimum(context + q_block * BLOCK_Q + BLOCK_Q, seq_len)  # exclusive end of keys seen
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
 
-        # phase 1: key tiles every row sees completely (no masks)
+        # loop-invariant in-page offsets (int32): row r of a tile is token r % PAGE_SIZE of its page when a
+        # tile spans several pages, token (start_n % PAGE_SIZE) + r of one page otherwise
+        if PAGE_SIZE >= BLOCK_N:
+            k_off = offs_bn[:, None] * stride_kt + offs_d[None, :]
+            v_off = offs_bn[:, None] * stride_vt + offs_d[None, :]
+        else:
+            NPAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+            k_off = (offs_bn % PAGE_SIZE)[:, None] * stride_kt + offs_d[None, :]
+            v_off = (offs_bn % PAGE_SIZE)[:, None] * stride_vt + offs_d[None, :]
+            offs_pg = tl.arange(0, NPAGES)
+        if BLOCK_D == HEAD_DIM:
+            d_mask = None
+        else:
+            d_mask = offs_d[None, :] < HEAD_DIM
+
+        # phase 1: key tiles every row sees completely (no causal mask, no bounds checks)
         for start_n in range(0, full_end, BLOCK_N):
-            offs_n = start_n + offs_bn
             if PAGE_SIZE >= BLOCK_N:
                 page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
-                tok = (offs_n % PAGE_SIZE)[:, None]
+                in_pg = start_n % PAGE_SIZE
+                k_ptrs = k_head + (page * stride_kb + in_pg * stride_kt) + k_off
+                v_ptrs = v_head + (page * stride_vb + in_pg * stride_vt) + v_off
             else:
-                page = tl.load(bt_row + offs_n // PAGE_SIZE).to(tl.int64)[:, None]
-                tok = (offs_n % PAGE_SIZE)[:, None]
+                pages = tl.load(bt_row + start_n // PAGE_SIZE + offs_pg).to(tl.int64)  # one id per page
+                row_pg = tl.reshape(tl.broadcast_to(pages[:, None], (NPAGES, PAGE_SIZE)), (BLOCK_N,))
+                k_ptrs = k_head + (row_pg * stride_kb)[:, None] + k_off
+                v_ptrs = v_head + (row_pg * stride_vb)[:, None] + v_off
             if BLOCK_D == HEAD_DIM:
-                k = tl.load(k_head + page * stride_kb + tok * stride_kt + offs_d[None, :])
-                v = tl.load(v_head + page * stride_vb + tok * stride_vt + offs_d[None, :])
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
             else:
-                k = tl.load(k_head + page * stride_kb + tok * stride_kt + offs_d[None, :],
-                            mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                v = tl.load(v_head + page * stride_vb + tok * stride_vt + offs_d[None, :],
-                            mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision=DOT_PRECISION) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+                v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision=DOT_PRECISION)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), v.to(cdtype), input_precision=DOT_PRECISION)
             m_i = m_new
@@ -154,16 +170,21 @@ def _paged_prefill_kernel(
             mask_n = offs_n < last_pos
             if PAGE_SIZE >= BLOCK_N:
                 page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
-                tok = (offs_n % PAGE_SIZE)[:, None]
+                in_pg = start_n % PAGE_SIZE
+                k_ptrs = k_head + (page * stride_kb + in_pg * stride_kt) + k_off
+                v_ptrs = v_head + (page * stride_vb + in_pg * stride_vt) + v_off
             else:
-                page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)[:, None]
-                tok = (offs_n % PAGE_SIZE)[:, None]
+                pg_idx = start_n // PAGE_SIZE + offs_pg
+                pages = tl.load(bt_row + pg_idx, mask=pg_idx * PAGE_SIZE < last_pos, other=0).to(tl.int64)
+                row_pg = tl.reshape(tl.broadcast_to(pages[:, None], (NPAGES, PAGE_SIZE)), (BLOCK_N,))
+                k_ptrs = k_head + (row_pg * stride_kb)[:, None] + k_off
+                v_ptrs = v_head + (row_pg * stride_vb)[:, None] + v_off
             if BLOCK_D == HEAD_DIM:
                 kv_mask = mask_n[:, None]
             else:
-                kv_mask = mask_n[:, None] & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_head + page * stride_kb + tok * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_head + page * stride_vb + tok * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+                kv_mask = mask_n[:, None] & d_mask
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where((offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -184,6 +205,8 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
         return 32, 32, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
+    if head_dim >= 128:
+        return 256, 64, 16, 4  # H100, 8 x 2048 bf16: 739 us vs 759-775 us at 8 warps / 3 stages
     return 256, 64, 8, 3
 
 
