@@ -145,6 +145,43 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int,
     return block_size, num_kv_heads, head_dim
 
 
+def kv_scales(cache_dtype: torch.dtype, k_scale, v_scale) -> tuple[float, float]:
+    """The dequantisation scales a kernel applies: the given ones for FP8 caches, 1.0 otherwise."""
+    if is_fp8(cache_dtype):
+        return as_float(k_scale), as_float(v_scale)
+    return 1.0, 1.0
+
+
+def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """Block, slot and head strides of both caches, in the order every kernel here takes them."""
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
+
+
+def prepare_attention_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, out: torch.Tensor | None, q_name: str):
+    """Checks and normalises what both attention launchers take.
+
+    Returns (q, block_tables, out, block_size, num_kv_heads, head_dim): q contiguous along head_dim,
+    block tables int32 with unit last stride, `out` allocated like q if not given.
+    """
+    block_size, num_kv_heads, head_dim = check_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[-1] != head_dim:
+        raise ValueError(f"q must be [{q_name}, num_q_heads, {head_dim}], got {tuple(q.shape)}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if block_tables.dtype != torch.int32:
+        block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError("out must have q's shape and be contiguous along head_dim")
+    return q, block_tables, out, block_size, num_kv_heads, head_dim
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact (IEEE) fp32 products; 16-bit inputs use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"

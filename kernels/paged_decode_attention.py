@@ -28,15 +28,16 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
-    as_float,
     cdiv,
-    check_cache,
+    cache_strides,
     compute_mode,
     dot_precision,
     gather_context_ref,
     is_fp8,
     kernel_for,
+    kv_scales,
     next_pow2,
+    prepare_attention_call,
     num_sms,
 )
 
@@ -244,31 +245,14 @@ def paged_decode_attention(
     (default: block_tables.shape[1] * block_size); `num_splits`, `block_n`, `num_warps`, `num_stages`
     override the tuned launch configuration.
     """
-    block_size, num_kv_heads, head_dim = check_cache(k_cache, v_cache)
-    if q.dim() != 3 or q.shape[-1] != head_dim:
-        raise ValueError(f"q must be [batch, num_q_heads, {head_dim}], got {tuple(q.shape)}")
+    q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
+        q, k_cache, v_cache, block_tables, out, "batch")
     batch, num_q_heads, _ = q.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if block_tables.dtype != torch.int32:
-        block_tables = block_tables.to(torch.int32)
-    if seq_lens.dtype != torch.int32:
-        seq_lens = seq_lens.to(torch.int32)
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
-    seq_lens = seq_lens.contiguous()
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError("out must have q's shape and be contiguous along head_dim")
+    seq_lens = seq_lens.to(torch.int32).contiguous()
     if batch == 0:
         return out
 
-    fp8 = is_fp8(k_cache.dtype)
-    ks = as_float(k_scale) if fp8 else 1.0
-    vs = as_float(v_scale) if fp8 else 1.0
+    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     device = q.device
     qpk = num_q_heads // num_kv_heads
     d_bn, d_nw, d_ns = _default_config(device, block_size, head_dim, k_cache.dtype)
@@ -303,12 +287,7 @@ def paged_decode_attention(
         q.stride(1),
         out.stride(0),
         out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         QUERIES_PER_KV=qpk,
         BLOCK_H=block_h,
@@ -364,9 +343,7 @@ def paged_decode_attention_ref(
     num_kv_heads = k_cache.shape[2]
     batch, num_q_heads, head_dim = q.shape
     qpk = num_q_heads // num_kv_heads
-    fp8 = is_fp8(k_cache.dtype)
-    ks = as_float(k_scale) if fp8 else 1.0
-    vs = as_float(v_scale) if fp8 else 1.0
+    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     res = torch.empty((batch, num_q_heads, head_dim), dtype=compute_dtype, device=q.device)
     lens = seq_lens.tolist()
     for b in range(batch):

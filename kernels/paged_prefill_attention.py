@@ -25,14 +25,14 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
-    as_float,
-    check_cache,
+    cache_strides,
     compute_mode,
     dot_precision,
     gather_context_ref,
-    is_fp8,
     kernel_for,
+    kv_scales,
     next_pow2,
+    prepare_attention_call,
 )
 
 
@@ -234,33 +234,18 @@ def paged_prefill_attention(
     num_seqs, which needs no bound). k_scale / v_scale dequantise FP8 caches and are ignored otherwise.
     """
     del max_query_len
-    block_size, num_kv_heads, head_dim = check_cache(k_cache, v_cache)
-    if q.dim() != 3 or q.shape[-1] != head_dim:
-        raise ValueError(f"q must be [num_tokens, num_q_heads, {head_dim}], got {tuple(q.shape)}")
+    q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
+        q, k_cache, v_cache, block_tables, out, "num_tokens")
     num_tokens, num_q_heads, _ = q.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     num_seqs = seq_lens.shape[0]
     if query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError("query_start_loc must have num_seqs + 1 entries")
-    if block_tables.dtype != torch.int32:
-        block_tables = block_tables.to(torch.int32)
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     query_start_loc = query_start_loc.to(torch.int32).contiguous()
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError("out must have q's shape and be contiguous along head_dim")
     if num_tokens == 0 or num_seqs == 0:
         return out
 
-    fp8 = is_fp8(k_cache.dtype)
-    ks = as_float(k_scale) if fp8 else 1.0
-    vs = as_float(v_scale) if fp8 else 1.0
+    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     device = q.device
     qpk = num_q_heads // num_kv_heads
     d_bm, d_bn, d_nw, d_ns = _default_config(device, head_dim, qpk, q.dtype)
@@ -283,12 +268,7 @@ def paged_prefill_attention(
         q.stride(1),
         out.stride(0),
         out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         QUERIES_PER_KV=qpk,
         BLOCK_Q=block_q,
@@ -327,9 +307,7 @@ def paged_prefill_attention_ref(
     num_kv_heads = k_cache.shape[2]
     num_tokens, num_q_heads, head_dim = q.shape
     qpk = num_q_heads // num_kv_heads
-    fp8 = is_fp8(k_cache.dtype)
-    ks = as_float(k_scale) if fp8 else 1.0
-    vs = as_float(v_scale) if fp8 else 1.0
+    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     res = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=compute_dtype, device=q.device)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()

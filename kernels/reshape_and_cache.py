@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FP8_E4M3_MAX, as_float, check_cache, is_fp8, kernel_for, next_pow2
+from ._common import FP8_E4M3_MAX, cache_strides, check_cache, is_fp8, kernel_for, kv_scales, next_pow2
 
 
 @triton.jit
@@ -109,8 +109,7 @@ def reshape_and_cache(
     fp8 = is_fp8(k_cache.dtype)
     if fp8 and k_cache.dtype != torch.float8_e4m3fn:
         raise NotImplementedError("FP8 KV caches are e4m3 (torch.float8_e4m3fn)")
-    ks = as_float(k_scale) if fp8 else 1.0
-    vs = as_float(v_scale) if fp8 else 1.0
+    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     block_h = next_pow2(num_kv_heads)
     block_d = next_pow2(head_dim)
     kernel_for(_reshape_and_cache_kernel, key.device)[(num_tokens,)](
@@ -125,12 +124,7 @@ def reshape_and_cache(
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *cache_strides(k_cache, v_cache),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_H=block_h,
@@ -161,7 +155,7 @@ def reshape_and_cache_ref(
     blk, off = slots // block_size, slots % block_size
     k, v = key[keep], value[keep]
     if is_fp8(k_cache.dtype):
-        ks, vs = as_float(k_scale), as_float(v_scale)
+        ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
         k = (k.float() * (1.0 / ks)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
         v = (v.float() * (1.0 / vs)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     k_cache[blk, off] = k.to(k_cache.dtype)
