@@ -283,7 +283,8 @@ async def create_completion(body: CompletionRequest, request: Request, fleet: Fl
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream_completion(fleet, rid, prep, trackers, mtracks, tt, want_lp, include_usage),
+            _guarded_sse(_stream_completion(rid, prep, fleet, trackers, mtracks, tt, want_lp, include_usage),
+                         fleet, rid, trackers, mtracks),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     if not await _collect_unless_disconnected(request, fleet, trackers, mtracks):
@@ -293,27 +294,13 @@ async def create_completion(body: CompletionRequest, request: Request, fleet: Fl
     return completion_response(rid, prep.model, trackers, tt, want_lp)
 
 
-async def _stream_completion(fleet, rid, prep: Prepared, trackers, mtracks, tt, want_lp, include_usage):
-    created = int(time.time())
-    n = prep.params.n
+async def _guarded_sse(events: AsyncIterator[str], fleet: FleetClient, rid: str,
+                       trackers: list[OutputTracker], mtracks: list) -> AsyncIterator[str]:
+    """Every SSE stream ends with [DONE]; a failure becomes an error event instead of a cut stream; and
+    whatever still runs when the client goes away (or on an error) is aborted, so its blocks are freed."""
     try:
-        gens = [follow(fleet, t, m) for t, m in zip(trackers, mtracks)]
-        async for pi, updates in _merged(gens):
-            choices = []
-            for u in updates:
-                if not (u.text or u.finish_reason or (want_lp and u.token_ids)):
-                    continue
-                lp = completion_logprobs(tt, u.token_ids, u.logprobs, u.top_logprobs, u.text_offset) if want_lp else None
-                choices.append(CompletionChoice(index=pi * n + u.index, text=u.text, logprobs=lp,
-                                                finish_reason=u.finish_reason, stop_reason=u.stop_reason))
-            if choices:
-                yield _sse(CompletionStreamResponse(id=rid, created=created, model=prep.model, choices=choices))
-        errors = [t.error for t in trackers if t.error]
-        if errors:
-            yield _sse_error(errors[0])
-        if include_usage:
-            yield _sse(CompletionStreamResponse(id=rid, created=created, model=prep.model, choices=[],
-                                                usage=usage_of(trackers)))
+        async for chunk in events:
+            yield chunk
         yield "data: [DONE]\n\n"
     except FleetError as e:
         yield _sse_error(str(e), e.status_code)
@@ -323,9 +310,31 @@ async def _stream_completion(fleet, rid, prep: Prepared, trackers, mtracks, tt, 
         yield _sse_error(f"internal error: {type(e).__name__}: {e}")
         yield "data: [DONE]\n\n"
     finally:
-        # the client went away (or an error): free the blocks of whatever still runs
+        await events.aclose()
         _abort_unfinished(fleet, [t for t in trackers if not t.done], "client disconnected")
         _finish_metrics(mtracks, "abort")
+
+
+async def _stream_completion(rid, prep: Prepared, fleet, trackers, mtracks, tt, want_lp, include_usage):
+    created = int(time.time())
+    n = prep.params.n
+    gens = [follow(fleet, t, m) for t, m in zip(trackers, mtracks)]
+    async for pi, updates in _merged(gens):
+        choices = []
+        for u in updates:
+            if not (u.text or u.finish_reason or (want_lp and u.token_ids)):
+                continue
+            lp = completion_logprobs(tt, u.token_ids, u.logprobs, u.top_logprobs, u.text_offset) if want_lp else None
+            choices.append(CompletionChoice(index=pi * n + u.index, text=u.text, logprobs=lp,
+                                            finish_reason=u.finish_reason, stop_reason=u.stop_reason))
+        if choices:
+            yield _sse(CompletionStreamResponse(id=rid, created=created, model=prep.model, choices=choices))
+    errors = [t.error for t in trackers if t.error]
+    if errors:
+        yield _sse_error(errors[0])
+    if include_usage:
+        yield _sse(CompletionStreamResponse(id=rid, created=created, model=prep.model, choices=[],
+                                            usage=usage_of(trackers)))
 
 
 @router.post("/v1/chat/completions", responses=ERRORS)
@@ -340,7 +349,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream_chat(fleet, rid, prep, trackers[0], mtracks, tt, body.logprobs, include_usage),
+            _guarded_sse(_stream_chat(rid, prep, fleet, trackers[0], mtracks, tt, body.logprobs, include_usage),
+                         fleet, rid, trackers, mtracks),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     if not await _collect_unless_disconnected(request, fleet, trackers, mtracks):
@@ -350,39 +360,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     return chat_response(rid, prep.model, trackers[0], tt, body.logprobs)
 
 
-async def _stream_chat(fleet, rid, prep: Prepared, tracker: OutputTracker, mtracks, tt, want_lp, include_usage):
+async def _stream_chat(rid, prep: Prepared, fleet, tracker: OutputTracker, mtracks, tt, want_lp, include_usage):
     created = int(time.time())
-    try:
-        first = [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                 for i in range(prep.params.n)]
-        yield _sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=first))
-        async for updates in follow(fleet, tracker, mtracks[0]):
-            choices = []
-            for u in updates:
-                if not (u.text or u.finish_reason or (want_lp and u.token_ids)):
-                    continue
-                lp = chat_logprobs(tt, u.token_ids, u.logprobs, u.top_logprobs) if want_lp else None
-                choices.append(ChatStreamChoice(index=u.index, delta=DeltaMessage(content=u.text or None),
-                                                logprobs=lp, finish_reason=u.finish_reason,
-                                                stop_reason=u.stop_reason))
-            if choices:
-                yield _sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=choices))
-        if tracker.error:
-            yield _sse_error(tracker.error)
-        if include_usage:
-            yield _sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=[],
-                                           usage=usage_of([tracker])))
-        yield "data: [DONE]\n\n"
-    except FleetError as e:
-        yield _sse_error(str(e), e.status_code)
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # Redis went away, ...: tell the client instead of cutting the stream
-        log.exception("stream %s failed", rid)
-        yield _sse_error(f"internal error: {type(e).__name__}: {e}")
-        yield "data: [DONE]\n\n"
-    finally:
-        _abort_unfinished(fleet, [tracker] if not tracker.done else [], "client disconnected")
-        _finish_metrics(mtracks, "abort")
+    first = [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+             for i in range(prep.params.n)]
+    yield _sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=first))
+    async for updates in follow(fleet, tracker, mtracks[0]):
+        choices = []
+        for u in updates:
+            if not (u.text or u.finish_reason or (want_lp and u.token_ids)):
+                continue
+            lp = chat_logprobs(tt, u.token_ids, u.logprobs, u.top_logprobs) if want_lp else None
+            choices.append(ChatStreamChoice(index=u.index, delta=DeltaMessage(content=u.text or None),
+                                            logprobs=lp, finish_reason=u.finish_reason,
+                                            stop_reason=u.stop_reason))
+        if choices:
+            yield _sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=choices))
+    if tracker.error:
+        yield _sse_error(tracker.error)
+    if include_usage:
+        yield _sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=[],
+                                       usage=usage_of([tracker])))
 
 
 @router.get("/v1/models", response_model=ModelList)
