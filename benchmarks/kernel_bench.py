@@ -518,6 +518,59 @@ def sweep(deadline: float):
     return res
 
 
+def sweep_prefill(deadline: float):
+    """Prefill variants at 8 x 2048 (block 16 unless named): tile shapes, warps, stages, Triton's automatic
+    warp specialisation of the unmasked loop, and block sizes 64 / 128 (one block-table entry per tile) to
+    see what the paging itself costs. cuDNN SDPA is timed first in the same process."""
+    res = []
+    base = prefill_row(cfg=None, sdpa=True)
+    log(f"  default: {base['t_ms']*1e3:.0f} us, SDPA {base['sdpa_form']} {base['sdpa_ms']*1e3:.0f} us "
+        f"({base['sdpa_ms']/base['t_ms']:.3f}x)")
+    res.append(dict(name="default", **base))
+    variants = [
+        ("ws", 16, dict(warp_specialize=True)),
+        ("ws bm128 bn128 w8 s3", 16, dict(warp_specialize=True, block_m=128, block_n=128, num_warps=8, num_stages=3)),
+        ("ws bm128 bn64 w8 s3", 16, dict(warp_specialize=True, block_m=128, block_n=64, num_warps=8, num_stages=3)),
+        ("ws bm256 bn64 w8 s3", 16, dict(warp_specialize=True, block_m=256, block_n=64, num_warps=8, num_stages=3)),
+        ("bm128 bn128 w8 s3", 16, dict(block_m=128, block_n=128, num_warps=8, num_stages=3)),
+        ("bm256 bn128 w16 s3", 16, dict(block_m=256, block_n=128, num_warps=16, num_stages=3)),
+        ("block 64", 64, None),
+        ("block 128", 128, None),
+        ("block 128 bm256 bn128 w16 s3", 128, dict(block_m=256, block_n=128, num_warps=16, num_stages=3)),
+        ("block 64 ws", 64, dict(warp_specialize=True)),
+    ]
+    for name, bs, cfg in variants:
+        if time.time() > deadline:
+            break
+        try:
+            r = prefill_row(bs=bs, cfg=cfg, sdpa=False)
+            log(f"  {name}: {r['t_ms']*1e3:.0f} us {r['tflops']:.0f} TFLOP/s ({base['sdpa_ms']/r['t_ms']:.3f}x SDPA) "
+                f"err {r['err']:.1e}")
+            res.append(dict(name=name, **r))
+        except Exception as e:  # noqa: BLE001
+            log(f"  {name}: {type(e).__name__} {str(e)[:300]}")
+    return res
+
+
+def decode_launch_probe():
+    """Batch 1 x 4096 (64 splits): do_bench time and host microseconds per eager call, paged vs SDPA."""
+    kv, bt, sl = paged_inputs(1, 4096, 16, seed=4)
+    q = torch.randn((1, HQ, D), device=DEV, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    fn = lambda: kernels.paged_decode_attention(q, kv[0, 0], kv[0, 1], bt, sl, D**-0.5, out=out, max_seq_len=4096)  # noqa: E731
+    fn()
+    ref = kernels.paged_decode_attention_ref(q, kv[0, 0], kv[0, 1], bt, sl, D**-0.5, out_dtype=torch.float64)
+    kc, vc = contiguous_kv(kv, bt, sl)
+    q4 = q.view(1, HQ, 1, D)
+    sfn = lambda: torch.nn.functional.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True)  # noqa: E731
+    sfn()
+    r = dict(err=rel_err(out, ref), paged_us=bench(fn) * 1e3, sdpa_us=bench(sfn) * 1e3,
+             paged_host_us=cpu_us_per_call(fn), sdpa_host_us=cpu_us_per_call(sfn))
+    r["vs_sdpa"] = r["sdpa_us"] / r["paged_us"]
+    log("  decode 1x4096: " + json.dumps({k: round(v, 4) for k, v in r.items()}))
+    return r
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -529,6 +582,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="only: decode 1x4096 launch probe and prefill variants")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
@@ -551,6 +605,15 @@ def main():
             fails = ["check_all crashed"]
         result["check_failures"] = fails
         log(f"checks: {'all passed' if not fails else 'FAILED: ' + ', '.join(fails)}  ({time.time()-T0:.0f}s)")
+    if args.probe:
+        result["decode_launch"] = decode_launch_probe()
+        result["prefill_variants"] = sweep_prefill(deadline)
+        with open(os.path.join(args.out, "probe.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        with open(os.path.join(args.out, "log.txt"), "w") as f:
+            f.write("\n".join(LOG))
+        log(f"total {time.time()-T0:.0f}s")
+        return
     if not args.no_bench:
         rows = []
         log("== decode ==")

@@ -209,8 +209,15 @@ class ModelRunner:
             if gib is None:
                 gib = 4.0 if self.device.type == "cuda" else 0.5
             self.num_cpu_blocks = int(gib * (1 << 30) // self.kv_block_bytes)
-        shape = (a.num_layers, 2, self.num_gpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = _zeros(shape, self.kv_dtype, self.device)
+        if self.device.type == "cpu":
+            # head-major storage [.., num_blocks, Hkv, block_size, D] behind the usual [.., block_size, Hkv, D]
+            # shape: the torch backend's per-step gather then yields per-head contiguous K/V for bmm
+            # (attention/torch_backend.py, is_head_major); everything else indexes blocks and is layout-blind
+            shape = (a.num_layers, 2, self.num_gpu_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+            self.kv_cache = _zeros(shape, self.kv_dtype, self.device).transpose(3, 4)
+        else:
+            shape = (a.num_layers, 2, self.num_gpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            self.kv_cache = _zeros(shape, self.kv_dtype, self.device)
         cpu_shape = (a.num_layers, 2, self.num_cpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         # empty, not zeros: only blocks swapped out are ever swapped in (and zeroing pages is slow)
         self.cpu_cache = torch.empty(cpu_shape, dtype=self.kv_dtype, device="cpu",

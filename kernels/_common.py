@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -51,18 +52,132 @@ _fix_interpreter_scalar_index()
 
 
 def kernel_for(kernel, device: torch.device):
-    """The launchable form of `kernel` for tensors on `device`.
+    """The launchable form of `kernel` for tensors on `device`: `kernel_for(k, dev)[grid](*args, **kwargs)`.
 
-    On CUDA this is the JIT function itself. On the CPU it is Triton's interpreter: when Triton was imported
-    with TRITON_INTERPRET=1 the decorator already returned an interpreted function; otherwise (Triton was
-    imported before the variable was set) we interpret the kernel's Python source here, so CPU tensors work
-    whatever the import order was.
+    On CUDA this is a `_DirectLauncher` (Triton's JIT dispatch done once per specialization, see there). On
+    the CPU it is Triton's interpreter: when Triton was imported with TRITON_INTERPRET=1 the decorator
+    already returned an interpreted function; otherwise (Triton was imported before the variable was set) we
+    interpret the kernel's Python source here, so CPU tensors work whatever the import order was.
     """
     if device.type != "cpu":
-        return kernel
+        if _InterpretedFunction is not None and isinstance(kernel, _InterpretedFunction):
+            return kernel
+        launcher = _direct_launchers.get(id(kernel))
+        if launcher is None:
+            launcher = _direct_launchers[id(kernel)] = _DirectLauncher(kernel)
+        return launcher
     if _InterpretedFunction is None or isinstance(kernel, _InterpretedFunction):
         return kernel
     return _CpuLauncher(_interpreted_form(kernel))
+
+
+def launch_kernel(kernel, device: torch.device, grid, args: tuple, kwargs: dict, kwargs_key=None):
+    """`kernel_for(kernel, device)[grid](*args, **kwargs)`, passing `kwargs_key` on to a direct launcher."""
+    launcher = kernel_for(kernel, device)
+    if isinstance(launcher, _DirectLauncher):
+        return launcher.launch(grid, args, kwargs, kwargs_key)
+    return launcher[grid](*args, **kwargs)
+
+
+_direct_launchers: dict[int, "_DirectLauncher"] = {}
+DIRECT_LAUNCH = os.environ.get("PAGEDFLEET_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+class _DirectLauncher:
+    """`jit_fn[grid](*args, **kwargs)` on CUDA, with Triton's per-call dispatch done once per specialization.
+
+    `JITFunction.run` re-derives on every call what the compiled kernel was specialised on (each argument's
+    dtype, 16-byte alignment, integer divisibility) and looks the kernel up by it: ~55 us per launch on the
+    H100 machines' host CPU, more than the whole batch-1 decode kernel on the GPU (20 us). Here the first
+    call of a specialization goes through the JIT (compiling if needed) and keeps the compiled kernel under
+    a key that fixes everything the JIT's key depends on: tensor dtypes and alignment, the exact value of
+    each specialised integer (only the 32/64-bit range of `do_not_specialize` ones), and the keyword
+    arguments (constexprs and launch options). Later calls launch the compiled kernel directly, as PyTorch
+    Inductor's generated launchers do. PAGEDFLEET_TRITON_DIRECT_LAUNCH=0 always goes through the JIT.
+    """
+
+    def __init__(self, jit_fn) -> None:
+        self.fn = jit_fn
+        params = jit_fn.params
+        self.names = [p.name for p in params]
+        self.defaults = {p.name: p.default for p in params}
+        self.dns = [p.do_not_specialize for p in params]
+        self.compiled: dict = {}
+        self.spec_fns: dict = {}
+        self.direct = DIRECT_LAUNCH
+
+    def _make_spec_fn(self, args: tuple):
+        """A function of the argument tuple returning what the JIT specialises on, built (like Triton's own
+        binder) as one tuple expression, from the kinds of arguments this kernel is called with: a tensor
+        gives its dtype and its address modulo 16, an int its value (only its 32/64-bit range when it is
+        `do_not_specialize`), a float its class (an int passed there instead changes the key)."""
+        parts = []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                parts += [f"a[{i}].dtype", f"a[{i}].data_ptr() & 15"]
+            elif isinstance(a, float):
+                parts.append(f"a[{i}].__class__")
+            elif isinstance(a, int) and not isinstance(a, bool):
+                parts.append(f"-2147483648 <= a[{i}] < 2147483648" if self.dns[i] else f"a[{i}]")
+            else:
+                return None
+        namespace: dict = {}
+        exec("def spec(a):\n    return (" + ", ".join(parts) + ",)\n", namespace)  # noqa: S102
+        return namespace["spec"]
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args: tuple, kwargs: dict, kwargs_key=None):
+        """`kernel[grid](*args, **kwargs)`; `kwargs_key` (hashable) stands for `kwargs` in the cache key
+        when the caller already has one (saves hashing a dozen constexprs per call)."""
+        if not self.direct:
+            return self.fn[grid](*args, **kwargs)
+        spec_fn = self.spec_fns.get(len(args))
+        if spec_fn is None:
+            spec_fn = self.spec_fns[len(args)] = self._make_spec_fn(args)
+            if spec_fn is None:  # an argument of a kind we don't key: the JIT decides every time
+                self.direct = False
+                return self.fn[grid](*args, **kwargs)
+        try:
+            spec = spec_fn(args)
+        except AttributeError:  # a tensor's place took something else: let the JIT sort it out
+            return self.fn[grid](*args, **kwargs)
+        key = (spec, tuple(kwargs.items()) if kwargs_key is None else kwargs_key)
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            if hasattr(kernel, "result"):
+                kernel = kernel.result()
+            kernel._init_handles()
+            self.compiled[key] = kernel
+            return kernel
+        full = (*args, *(kwargs.get(n, self.defaults[n]) for n in self.names[len(args):]))
+        device = _triton_driver().active.get_current_device()
+        stream = _triton_driver().active.get_current_stream(device)
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+        try:
+            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
+                       kernel.launch_metadata(grid, stream, *full), _knobs().runtime.launch_enter_hook,
+                       _knobs().runtime.launch_exit_hook, *full)
+        except TypeError:  # a Triton whose launcher takes other arguments: use the JIT from now on
+            self.direct = False
+            return self.fn[grid](*args, **kwargs)
+        return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_driver():
+    from triton.runtime import driver
+
+    return driver
+
+
+@functools.lru_cache(maxsize=None)
+def _knobs():
+    from triton import knobs
+
+    return knobs
 
 
 def _interpreted_form(jit_fn):

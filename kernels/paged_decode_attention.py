@@ -13,7 +13,10 @@ Kernel design
   >= BLOCK_N) a single table entry is read per tile.
 - Online softmax in fp32 (base-2 exponentials, scale folded into one multiplier); fp32 accumulator.
 - Split-KV (flash-decoding): the context is cut into NUM_SPLITS contiguous ranges, each program writes a
-  normalised partial output and its log-sum-exp, and `_decode_reduce_kernel` merges them. NUM_SPLITS is
+  normalised partial output and its log-sum-exp, then takes a ticket from a per-(sequence, KV head)
+  counter; the program that draws the last ticket merges the splits and resets the counter. One launch
+  per call instead of a split kernel plus a merge kernel: at batch 1 the whole step is ~20 us of GPU work
+  and a second Python launch costs as much again on the host. NUM_SPLITS is
   chosen on the host from batch size, KV heads, a max-length bound known without reading seq_lens (the
   caller's `max_seq_len` hint, else block_tables.shape[1] * block_size) and the SM count: no host sync, so
   the call can be captured in a CUDA graph. With one split the kernel writes the output directly.
@@ -34,7 +37,7 @@ from ._common import (
     dot_precision,
     gather_context_ref,
     is_fp8,
-    kernel_for,
+    launch_kernel,
     kv_scales,
     next_pow2,
     prepare_attention_call,
@@ -52,9 +55,11 @@ def _paged_decode_kernel(
     out_ptr,
     part_o_ptr,
     part_lse_ptr,
+    ticket_ptr,  # int32 [batch * num_kv_heads], zero between calls (the merging program resets its entry)
     qk_scale,  # softmax scale * k_scale * log2(e)
     v_scale,
     num_q_heads,
+    num_kv_heads,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -73,6 +78,7 @@ def _paged_decode_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
     DOT_PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,  # operand dtype of the two products: "q" (q's dtype), "fp16" or "fp32"
 ):
@@ -156,59 +162,76 @@ def _paged_decode_kernel(
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_hd)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=mask_h)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_o_ptr,
-    part_lse_ptr,
-    out_ptr,
-    num_q_heads,
-    stride_ob,
-    stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    row = b * num_q_heads + h
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    mask_d = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    valid = lse > float("-inf")
-    w = tl.where(valid, tl.exp2(tl.where(valid, lse - m, 0.0)), 0.0)
-    denom = tl.sum(w, 0)
-    po = tl.load(
-        part_o_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    o = tl.sum(po * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+        # every thread's partial stores happen before the ticket (barrier, then a gpu-scope acq_rel atomic),
+        # so the program drawing the last ticket sees all splits; it reads them through L2 (.cg), never L1
+        tl.debug_barrier()
+        ticket = ticket_ptr + b64 * num_kv_heads + kvh
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            offs_s = tl.arange(0, BLOCK_S)
+            mask_s = offs_s < NUM_SPLITS
+            for i in tl.static_range(QUERIES_PER_KV):  # one query head of the group at a time
+                hrow = (b64 * num_q_heads + kvh * QUERIES_PER_KV + i) * NUM_SPLITS
+                lse_s = tl.load(part_lse_ptr + hrow + offs_s, mask=mask_s, other=float("-inf"),
+                                cache_modifier=".cg")
+                m_s = tl.max(lse_s, 0)
+                valid = lse_s > float("-inf")
+                w = tl.where(valid, tl.exp2(tl.where(valid, lse_s - m_s, 0.0)), 0.0)
+                po = tl.load(part_o_ptr + (hrow + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                             mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
+                denom = tl.sum(w, 0)
+                o_h = tl.sum(po * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+                tl.store(out_ptr + b64 * stride_ob + (kvh * QUERIES_PER_KV + i) * stride_oh + offs_d,
+                         o_h.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+            tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # ready for the next call (or graph replay)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launch configuration (tuned on an H100: benchmarks/results/kernels-h100.md)
 
 MIN_TOKENS_PER_SPLIT = 64
-MAX_SPLITS = 64
+MAX_SPLITS = 32  # the in-kernel merge reads every split: 1 x 4096 took 21 us at 32 splits, 26 us at 64
 CTAS_PER_SM = 2
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
     """Splits so that batch * kv_heads * splits programs give every SM about CTAS_PER_SM programs, without
     making a split shorter than MIN_TOKENS_PER_SPLIT tokens. A power of two (it is a compile-time constant).
-    On an H100 (132 SMs, 8 KV heads): batch 1 x 4096 -> 64, 16 x 16384 -> 4, 64 x 2048 -> 1."""
+    On an H100 (132 SMs, 8 KV heads): batch 1 x 4096 -> 32, 16 x 16384 -> 4, 64 x 2048 -> 1."""
     base = max(1, batch * num_kv_heads)
     want = next_pow2(cdiv(CTAS_PER_SM * sms, base))
     cap = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
     cap = 1 << (cap.bit_length() - 1)
     return max(1, min(want, cap, MAX_SPLITS))
+
+
+# Split-KV tickets: one zeroed int32 counter per (sequence, KV head), kept per device and reused by every call
+# (each call leaves them zero again). Grown, never freed: a CUDA graph captured with an older buffer keeps
+# replaying against it.
+_tickets: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def split_tickets(device: torch.device, n: int) -> torch.Tensor:
+    bufs = _tickets.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+# Split partial outputs and log-sum-exps, one pair per (device, batch, heads, splits, head_dim), kept: each
+# call overwrites what it reads before it returns (in stream order), and an allocation per call costs as
+# much host time as the launch. Calls on one stream only (the engine's); a CUDA graph keeps its own pair.
+_split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device, batch: int, heads: int, splits: int, head_dim: int):
+    key = (device, batch, heads, splits, head_dim, device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    bufs = _split_buffers.get(key)
+    if bufs is None or key[-1]:  # while capturing: the graph's own allocation
+        bufs = (torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=device),
+                torch.empty((batch, heads, splits), dtype=torch.float32, device=device))
+        if not key[-1]:
+            _split_buffers[key] = bufs
+    return bufs
 
 
 def _default_config(device: torch.device, block_size: int, head_dim: int, cache_dtype: torch.dtype):
@@ -218,6 +241,37 @@ def _default_config(device: torch.device, block_size: int, head_dim: int, cache_
     if is_fp8(cache_dtype):
         return 128, 2, 2  # half the bytes per token: twice the tokens per tile
     return 64, 4, 3
+
+
+# Launch configuration per call shape, computed once: the host cost of an eager decode call matters as much
+# as the kernel at batch 1 (see _common._DirectLauncher).
+_launch_configs: dict[tuple, tuple] = {}
+
+
+def _launch_config(device, q_dtype, cache_dtype, batch, num_q_heads, num_kv_heads, head_dim, block_size, bound_bits,
+                   num_splits, block_n, num_warps, num_stages, compute):
+    """(grid, splits, keyword arguments of the kernel launch) for one call shape."""
+    d_bn, d_nw, d_ns = _default_config(device, block_size, head_dim, cache_dtype)
+    if num_splits is None:
+        bound = (1 << (bound_bits - 1)) * MIN_TOKENS_PER_SPLIT  # same split cap as the caller's bound
+        num_splits = choose_num_splits(batch, num_kv_heads, bound, num_sms(device))
+    num_splits = max(1, int(num_splits))
+    qpk = num_q_heads // num_kv_heads
+    kwargs = dict(
+        QUERIES_PER_KV=qpk,
+        BLOCK_H=max(16, next_pow2(qpk)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=next_pow2(head_dim),
+        PAGE_SIZE=block_size,
+        BLOCK_N=block_n or d_bn,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=next_pow2(num_splits),
+        DOT_PRECISION=dot_precision(q_dtype),
+        COMPUTE=compute or compute_mode(q_dtype, cache_dtype, device),
+        num_warps=num_warps or d_nw,
+        num_stages=num_stages or d_ns,
+    )
+    return (num_kv_heads, batch, num_splits), num_splits, kwargs
 
 
 def paged_decode_attention(
@@ -248,73 +302,31 @@ def paged_decode_attention(
     q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
         q, k_cache, v_cache, block_tables, out, "batch")
     batch, num_q_heads, _ = q.shape
-    seq_lens = seq_lens.to(torch.int32).contiguous()
+    if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
+        seq_lens = seq_lens.to(torch.int32).contiguous()
     if batch == 0:
         return out
-
-    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     device = q.device
-    qpk = num_q_heads // num_kv_heads
-    d_bn, d_nw, d_ns = _default_config(device, block_size, head_dim, k_cache.dtype)
-    block_n = block_n or d_bn
-    num_warps = num_warps or d_nw
-    num_stages = num_stages or d_ns
-    if num_splits is None:
-        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(batch, num_kv_heads, int(bound), num_sms(device))
-    num_splits = max(1, int(num_splits))
-
-    block_h = max(16, next_pow2(qpk))
-    block_d = next_pow2(head_dim)
-    if num_splits > 1:
-        part_o = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=device)
+    bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    # the split heuristic sees the bound only through floor(log2(bound / MIN_TOKENS_PER_SPLIT))
+    bound_bits = max(1, int(bound) // MIN_TOKENS_PER_SPLIT).bit_length()
+    key = (device, q.dtype, k_cache.dtype, batch, num_q_heads, num_kv_heads, head_dim, block_size, bound_bits,
+           num_splits, block_n, num_warps, num_stages, _compute)
+    launch = _launch_configs.get(key)
+    if launch is None:
+        launch = _launch_configs[key] = _launch_config(*key)
+    grid, splits, kwargs = launch
+    if splits > 1:
+        part_o, part_lse = _split_workspace(device, batch, num_q_heads, splits, head_dim)
+        tickets = split_tickets(device, batch * num_kv_heads)
     else:
-        part_o = part_lse = out  # unused
-    kernel_for(_paged_decode_kernel, device)[(num_kv_heads, batch, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        part_o,
-        part_lse,
-        float(scale) * ks * LOG2E,
-        vs,
-        num_q_heads,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        *cache_strides(k_cache, v_cache),
-        block_tables.stride(0),
-        QUERIES_PER_KV=qpk,
-        BLOCK_H=block_h,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        PAGE_SIZE=block_size,
-        BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(q.dtype),
-        COMPUTE=_compute or compute_mode(q.dtype, k_cache.dtype, device),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    if num_splits > 1:
-        kernel_for(_decode_reduce_kernel, device)[(num_q_heads, batch)](
-            part_o,
-            part_lse,
-            out,
-            num_q_heads,
-            out.stride(0),
-            out.stride(1),
-            NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            num_warps=4 if head_dim * num_splits >= 2048 else 2,
-        )
+        part_o = part_lse = tickets = out  # unused
+    ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
+    launch_kernel(_paged_decode_kernel, device, grid, (
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, tickets,
+        float(scale) * ks * LOG2E, vs, num_q_heads, num_kv_heads,
+        *q.stride()[:2], *out.stride()[:2], *cache_strides(k_cache, v_cache), block_tables.stride(0),
+    ), kwargs, key)
     return out
 
 

@@ -28,6 +28,8 @@ class _Group:
     tok_idx: torch.Tensor | None  # flat token indices of this group (None: all tokens, in order)
     pack_idx: torch.Tensor | None  # row of each token in the padded [num_seqs * max_q] query (None: no padding)
     mask: torch.Tensor | None  # bool [num_seqs, 1, max_q, num_blocks * block_size], True = attend
+    additive: torch.Tensor | None = None  # the mask as fp32 0 / -inf, [num_seqs, max_q, 1, keys] (bmm path)
+    rows_hm: torch.Tensor | None = None  # head-major caches: row (block * Hkv + head) of each [head, seq, block]
 
 
 @dataclass
@@ -37,10 +39,19 @@ class _StepState:
     blk: torch.Tensor  # [num_tokens] block of each new token
     off: torch.Tensor  # [num_tokens] offset in the block
     valid: torch.Tensor | None  # [num_tokens] bool when some slots are -1 (padding), else None
+    rows_hm: torch.Tensor | None = None  # head-major caches: row ((block * Hkv + head) * bs + off) per token, head
 
 
 def _is_fp8(t: torch.Tensor) -> bool:
     return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_head_major(cache: torch.Tensor) -> bool:
+    """A [num_blocks, block_size, Hkv, D] cache whose storage is [num_blocks, Hkv, block_size, D] (the CPU
+    layout, see ModelRunner): each head's part of a block is one contiguous run, so a gather of blocks lands
+    as per-head contiguous K/V that bmm takes without a copy."""
+    _, bs, hkv, d = cache.shape
+    return cache.stride(3) == 1 and cache.stride(1) == d and cache.stride(2) == bs * d and cache.stride(0) == hkv * bs * d
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -135,12 +146,17 @@ class TorchAttentionBackend(AttentionBackend):
             value = (value.float() / v_scale).to(v_cache.dtype)
         for cache, x in ((k_cache, key), (v_cache, value)):
             x = x.to(cache.dtype)
-            if cache.is_contiguous():  # one index_copy over flat slots
-                slots = st.slots if st.valid is None else st.slots[st.valid]
-                flat = cache.view(-1, *cache.shape[2:])
+            if cache.is_contiguous() or is_head_major(cache):  # one index_copy over flat rows
+                if cache.is_contiguous():
+                    rows, flat = (st.slots if st.valid is None else st.slots[st.valid]), cache.view(-1, *cache.shape[2:])
+                else:
+                    hkv, bs = cache.shape[2], cache.shape[1]
+                    if st.rows_hm is None:
+                        st.rows_hm = ((blk * hkv)[:, None] + torch.arange(hkv, device=blk.device)) * bs + off[:, None]
+                    rows, flat, x = st.rows_hm.view(-1), cache.transpose(1, 2).reshape(-1, cache.shape[3]), x.reshape(-1, x.shape[-1])
                 if _is_fp8(cache):  # no fp8 index_copy on CPU: copy the bytes
                     flat, x = flat.view(torch.uint8), x.contiguous().view(torch.uint8)
-                flat.index_copy_(0, slots, x)
+                flat.index_copy_(0, rows, x)
             else:
                 cache[blk, off] = x
 
@@ -155,16 +171,26 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _gather(self, name: str, cache: torch.Tensor, g: _Group, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """K or V of the group's blocks, padded to num_blocks per sequence: [Hkv, S, Lp, D] (contiguous for a
+        head-major cache, a permuted view otherwise)."""
         nblocks, bs, hkv, d = cache.shape
-        flat = cache.flatten(1)
-        buf = self._workspace(name, g.num_seqs * g.num_blocks * flat.shape[1], cache.dtype, cache.device)
-        torch.index_select(flat, 0, g.blk_flat, out=buf.view(-1, flat.shape[1]))
-        x = buf.view(g.num_seqs, g.num_blocks * bs, hkv, d)
+        S, nb = g.num_seqs, g.num_blocks
+        buf = self._workspace(name, S * nb * bs * hkv * d, cache.dtype, cache.device)
+        if is_head_major(cache):
+            if g.rows_hm is None:
+                g.rows_hm = (g.blk_flat.view(1, -1) * hkv + torch.arange(hkv, device=cache.device)[:, None]).view(-1)
+            flat = cache.transpose(1, 2).reshape(nblocks * hkv, bs * d)  # a view: the storage is head-major
+            torch.index_select(flat, 0, g.rows_hm, out=buf.view(-1, bs * d))
+            x = buf.view(hkv, S, nb * bs, d)
+        else:
+            flat = cache.flatten(1)
+            torch.index_select(flat, 0, g.blk_flat, out=buf.view(-1, flat.shape[1]))
+            x = buf.view(S, nb * bs, hkv, d).permute(2, 0, 1, 3)
         if _is_fp8(cache):
             x = x.to(dtype)
             if scale != 1.0:
                 x.mul_(scale)
-        return x.transpose(1, 2)  # [S, Hkv, Lp, D]
+        return x
 
     def _attend(self, g: _Group, query, k_cache, v_cache, scale, k_scale, v_scale) -> torch.Tensor:
         T, hq, d = query.shape
@@ -176,9 +202,37 @@ class TorchAttentionBackend(AttentionBackend):
             qp.index_copy_(0, g.pack_idx, query)
         else:
             qp = query
-        q = qp.view(S, max_q, hq, d).transpose(1, 2)  # [S, Hq, max_q, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale, enable_gqa=hq != k.shape[1])
-        o = o.transpose(1, 2).reshape(S * max_q, hq, d)
+        if query.device.type == "cpu" and query.dtype != torch.float32:
+            o = self._attend_bmm(g, qp, k, v, scale)
+        else:
+            q = qp.view(S, max_q, hq, d).transpose(1, 2)  # [S, Hq, max_q, D]
+            o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=g.mask,
+                                               scale=scale, enable_gqa=hq != k.shape[0])
+            o = o.transpose(1, 2).reshape(S * max_q, hq, d)
         if g.pack_idx is not None:
             o = o.index_select(0, g.pack_idx)
         return o
+
+    @staticmethod
+    def _attend_bmm(g: _Group, qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """16-bit attention on the CPU as two bmm per KV head: the CPU's SDPA kernels are several times slower
+        in bf16 than in fp32 at these shapes, while oneDNN's bf16 bmm is faster than fp32. k, v: [Hkv, S, Lp, D]
+        (per head contiguous for a head-major cache: no copy); softmax runs in fp32."""
+        S, max_q = g.num_seqs, g.max_q
+        _, hq, d = qp.shape
+        hkv = k.shape[0]
+        grp = hq // hkv
+        keys = k.shape[2]
+        if g.additive is None and g.mask is not None:
+            g.additive = torch.zeros(g.mask.shape, dtype=torch.float32).masked_fill_(~g.mask, float("-inf")) \
+                .view(S, max_q, 1, keys)
+        q5 = qp.view(S, max_q, hkv, grp, d)
+        out = torch.empty((S, max_q, hkv, grp, d), dtype=qp.dtype, device=qp.device)
+        for h in range(hkv):
+            s = torch.bmm(q5[:, :, h].reshape(S, max_q * grp, d), k[h].transpose(1, 2))
+            s = s.view(S, max_q, grp, keys).float().mul_(scale)
+            if g.additive is not None:
+                s.add_(g.additive)
+            p = torch.softmax(s, dim=-1).to(qp.dtype)
+            out[:, :, h] = torch.bmm(p.view(S, max_q * grp, keys), v[h]).view(S, max_q, grp, d)
+        return out.view(S * max_q, hq, d)
