@@ -110,7 +110,8 @@ class _DirectLauncher:
         """A function of the argument tuple returning what the JIT specialises on, built (like Triton's own
         binder) as one tuple expression, from the kinds of arguments this kernel is called with: a tensor
         gives its dtype and its address modulo 16, an int its value (only its 32/64-bit range when it is
-        `do_not_specialize`), a float its class (an int passed there instead changes the key)."""
+        `do_not_specialize`), a float its class (an int passed there instead changes the key); where None was
+        passed, anything but None (a TMA descriptor, say) sends that call through the JIT."""
         parts = []
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
@@ -119,9 +120,11 @@ class _DirectLauncher:
                 parts.append(f"a[{i}].__class__")
             elif isinstance(a, int) and not isinstance(a, bool):
                 parts.append(f"-2147483648 <= a[{i}] < 2147483648" if self.dns[i] else f"a[{i}]")
+            elif a is None:  # an optional argument left out; anything else there goes through the JIT
+                parts.append(f"a[{i}] is None or _other()")
             else:
                 return None
-        namespace: dict = {}
+        namespace: dict = {"_other": _other_argument}
         exec("def spec(a):\n    return (" + ", ".join(parts) + ",)\n", namespace)  # noqa: S102
         return namespace["spec"]
 
@@ -164,6 +167,10 @@ class _DirectLauncher:
             self.direct = False
             return self.fn[grid](*args, **kwargs)
         return kernel
+
+
+def _other_argument():
+    raise AttributeError("an argument of a kind the direct launcher does not key")
 
 
 @functools.lru_cache(maxsize=None)

@@ -68,7 +68,6 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     COMPUTE: tl.constexpr,  # operand dtype of the two products: "q" (q's dtype), "fp16" or "fp32"
-    WARP_SPEC: tl.constexpr,  # Triton's automatic warp specialisation of the unmasked loop (Hopper and later)
 ):
     kvh = tl.program_id(0)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)  # heavy (late) query blocks first
@@ -140,7 +139,7 @@ def _paged_prefill_kernel(
             d_mask = offs_d[None, :] < HEAD_DIM
 
         # phase 1: key tiles every row sees completely (no causal mask, no bounds checks)
-        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
+        for start_n in range(0, full_end, BLOCK_N):
             if PAGE_SIZE >= BLOCK_N:
                 page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
                 in_pg = start_n % PAGE_SIZE
@@ -228,7 +227,6 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Causal attention of new tokens over a paged KV cache; returns `out` ([num_tokens, q_heads, head_dim]).
 
@@ -281,7 +279,6 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         COMPUTE=compute_mode(q.dtype, k_cache.dtype, device),
-        WARP_SPEC=bool(warp_specialize) and device.type == "cuda",
         num_warps=num_warps or d_nw,
         num_stages=num_stages or d_ns,
     )

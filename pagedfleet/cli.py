@@ -10,6 +10,9 @@ import sys
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: float32 on the CPU, bfloat16 on CUDA; bfloat16 is ~2x faster on a "
+                        "CPU with AVX-512 BF16 or AMX, not token-identical to float32)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-gpu-blocks", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
@@ -32,7 +35,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
     llm = LLM(
-        args.model, device=args.device, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
+        args.model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
         kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
     )
     try:

@@ -137,3 +137,30 @@ def test_greedy_matches_hf_under_preemption(prompts, hf_greedy, mode):
     # everything went back to the pool (cached prefix blocks are free and reusable)
     assert stats["gpu_blocks_available"] == stats["num_gpu_blocks"], stats
     assert stats["gpu_blocks_used"] == 0 and stats["cpu_blocks_used"] == 0, stats
+
+
+def test_bfloat16_engine_tracks_hf_float32(prompts, hf_greedy, hf_smollm2):
+    """dtype=bfloat16 on the CPU (bf16 matmuls and the bmm attention path over head-major KV blocks) is not
+    token-identical to a float32 oracle, so it is held to the oracle's distributions instead: teacher-forced
+    on prompt + HF's greedy continuation, with chunked prefill, the log-probability of every actual next token
+    stays close to HF float32's and the most likely token is the same almost everywhere."""
+    sel = [0, 4, 8, 13, 17, 19]  # 5 to ~600 tokens, chat and raw
+    seqs = [prompts[i] + hf_greedy[i] for i in sel]
+    from pagedfleet.llm import LLM
+
+    llm = LLM(None, dtype="bfloat16", max_num_batched_tokens=128, max_num_seqs=64)
+    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    outs = llm.generate(seqs, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))
+    diffs, same_top = [], []
+    with torch.inference_mode():
+        for s, o in zip(seqs, outs):
+            ref = torch.log_softmax(hf_smollm2(torch.tensor([s])).logits[0].float(), -1)
+            assert len(o.prompt_logprobs) == len(s) and o.prompt_logprobs[0] is None
+            for j in range(1, len(s)):
+                mine = {t.token_id: t.logprob for t in o.prompt_logprobs[j]}
+                diffs.append(abs(mine[s[j]] - float(ref[j - 1, s[j]])))
+                same_top.append(max(mine, key=mine.get) == int(ref[j - 1].argmax()) or len(mine) == 1)
+    mean = sum(diffs) / len(diffs)
+    # measured 2026-11-22: mean 0.020, max 0.27, top-1 agreement 98.8% over 848 positions
+    assert mean < 0.05 and max(diffs) < 1.0, (mean, max(diffs))
+    assert sum(same_top) / len(same_top) > 0.95
