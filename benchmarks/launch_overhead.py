@@ -14,25 +14,18 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernels  # noqa: E402
+from kernel_bench import cpu_us_per_call as per_call_us  # noqa: E402
 
 pda = sys.modules["kernels.paged_decode_attention"]  # the package re-exports a function of the same name
 
 
-def per_call_us(fn, n=500) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def main() -> None:
