@@ -190,6 +190,8 @@ class ModelRunner:
             else:
                 load_weights(self.model, self.files.path)
         self.model.eval()
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            self.model.prepack_cpu()  # oneDNN weight layout: no reorder of every weight on every call
         log.info("loaded %s in %.1fs", self.files.name, time.perf_counter() - t0)
 
         self.backend = get_backend(config.attention_backend, self.device)

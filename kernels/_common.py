@@ -146,7 +146,8 @@ class _DirectLauncher:
             spec = spec_fn(args)
         except AttributeError:  # a tensor's place took something else: let the JIT sort it out
             return self.fn[grid](*args, **kwargs)
-        key = (spec, tuple(kwargs.items()) if kwargs_key is None else kwargs_key)
+        device = _triton_driver().active.get_current_device()  # compiled kernels are loaded per device
+        key = (device, spec, tuple(kwargs.items()) if kwargs_key is None else kwargs_key)
         kernel = self.compiled.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **kwargs)
@@ -156,7 +157,6 @@ class _DirectLauncher:
             self.compiled[key] = kernel
             return kernel
         full = (*args, *(kwargs.get(n, self.defaults[n]) for n in self.names[len(args):]))
-        device = _triton_driver().active.get_current_device()
         stream = _triton_driver().active.get_current_stream(device)
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         try:

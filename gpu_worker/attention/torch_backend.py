@@ -29,6 +29,8 @@ class _Group:
     pack_idx: torch.Tensor | None  # row of each token in the padded [num_seqs * max_q] query (None: no padding)
     mask: torch.Tensor | None  # bool [num_seqs, 1, max_q, num_blocks * block_size], True = attend
     additive: torch.Tensor | None = None  # the mask as fp32 0 / -inf, [num_seqs, max_q, 1, keys] (bmm path)
+    tables: np.ndarray | None = None  # decode groups: int32 [num_seqs, num_blocks] block tables (C kernel)
+    lens: np.ndarray | None = None  # decode groups: int32 [num_seqs] sequence lengths (C kernel)
     ragged: list[tuple[int, int, int]] | None = None  # chunk groups: (first row, end row, seq_len) per sequence
     causal: dict | None = None  # (q_len, seq_len) -> fp32 additive causal mask [q_len, 1, seq_len] (ragged path)
     rows_hm: torch.Tensor | None = None  # head-major caches: row (block * Hkv + head) of each [head, seq, block]
@@ -53,7 +55,8 @@ def is_head_major(cache: torch.Tensor) -> bool:
     layout, see ModelRunner): each head's part of a block is one contiguous run, so a gather of blocks lands
     as per-head contiguous K/V that bmm takes without a copy."""
     _, bs, hkv, d = cache.shape
-    return cache.stride(3) == 1 and cache.stride(1) == d and cache.stride(2) == bs * d and cache.stride(0) == hkv * bs * d
+    return (cache.stride(3) == 1 and cache.stride(1) == d and cache.stride(2) == bs * d
+            and cache.stride(0) == hkv * bs * d)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -61,6 +64,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._ws: dict[str, torch.Tensor] = {}
+        self._cpu_decode = None  # cpu_decode.load() (or False), looked up at the first bf16 decode on the CPU
 
     # ---- per step ----------------------------------------------------------------------------
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -118,6 +122,8 @@ class TorchAttentionBackend(AttentionBackend):
             tok = torch.from_numpy(tok_np).to(dev)
         ends = np.cumsum(qg)
         return _Group(
+            tables=np.ascontiguousarray(blocks, dtype=np.int32) if max_q == 1 else None,
+            lens=np.ascontiguousarray(Lg, dtype=np.int32) if max_q == 1 else None,
             ragged=[(int(e - n), int(e), int(length)) for e, n, length in zip(ends, qg, Lg)] if max_q > 1 else None,
             num_seqs=S, num_blocks=nb, max_q=max_q,
             blk_flat=torch.from_numpy(blocks.reshape(-1)).to(dev),
@@ -150,19 +156,21 @@ class TorchAttentionBackend(AttentionBackend):
             value = (value.float() / v_scale).to(v_cache.dtype)
         for cache, x in ((k_cache, key), (v_cache, value)):
             x = x.to(cache.dtype)
-            if cache.is_contiguous() or is_head_major(cache):  # one index_copy over flat rows
-                if cache.is_contiguous():
-                    rows, flat = (st.slots if st.valid is None else st.slots[st.valid]), cache.view(-1, *cache.shape[2:])
-                else:
-                    hkv, bs = cache.shape[2], cache.shape[1]
-                    if st.rows_hm is None:
-                        st.rows_hm = ((blk * hkv)[:, None] + torch.arange(hkv, device=blk.device)) * bs + off[:, None]
-                    rows, flat, x = st.rows_hm.view(-1), cache.transpose(1, 2).reshape(-1, cache.shape[3]), x.reshape(-1, x.shape[-1])
-                if _is_fp8(cache):  # no fp8 index_copy on CPU: copy the bytes
-                    flat, x = flat.view(torch.uint8), x.contiguous().view(torch.uint8)
-                flat.index_copy_(0, rows, x)
+            if cache.is_contiguous():  # one index_copy over flat slots
+                rows = st.slots if st.valid is None else st.slots[st.valid]
+                flat = cache.view(-1, *cache.shape[2:])
+            elif is_head_major(cache):  # one index_copy over (block, head, slot) rows
+                hkv, bs = cache.shape[2], cache.shape[1]
+                if st.rows_hm is None:
+                    st.rows_hm = ((blk * hkv)[:, None] + torch.arange(hkv, device=blk.device)) * bs + off[:, None]
+                rows, flat = st.rows_hm.view(-1), cache.transpose(1, 2).reshape(-1, cache.shape[3])
+                x = x.reshape(-1, x.shape[-1])
             else:
                 cache[blk, off] = x
+                continue
+            if _is_fp8(cache):  # no fp8 index_copy on CPU: copy the bytes
+                flat, x = flat.view(torch.uint8), x.contiguous().view(torch.uint8)
+            flat.index_copy_(0, rows, x)
 
     def forward(self, query, k_cache, v_cache, meta, scale, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
         st = self._state(meta)
@@ -199,6 +207,10 @@ class TorchAttentionBackend(AttentionBackend):
     def _attend(self, g: _Group, query, k_cache, v_cache, scale, k_scale, v_scale) -> torch.Tensor:
         T, hq, d = query.shape
         S, max_q = g.num_seqs, g.max_q
+        if max_q == 1 and query.dtype == k_cache.dtype == torch.bfloat16 and is_head_major(k_cache):
+            o = self._decode_c(g, query, k_cache, v_cache, scale)
+            if o is not None:
+                return o
         k = self._gather("k", k_cache, g, query.dtype, k_scale)
         v = self._gather("v", v_cache, g, query.dtype, v_scale)
         if max_q > 1 and query.device.type == "cpu" and query.dtype != torch.float32:
@@ -218,6 +230,18 @@ class TorchAttentionBackend(AttentionBackend):
         if g.pack_idx is not None:
             o = o.index_select(0, g.pack_idx)
         return o
+
+    def _decode_c(self, g: _Group, query, k_cache, v_cache, scale) -> torch.Tensor | None:
+        """bf16 decode on the CPU through the C kernel (cpu_decode.py): no gather, no padding."""
+        if self._cpu_decode is None:
+            from gpu_worker.attention import cpu_decode
+
+            self._cpu_decode = cpu_decode.load() or False
+        if not self._cpu_decode or query.device.type != "cpu" or query.stride(-1) != 1:
+            return None
+        from gpu_worker.attention.cpu_decode import paged_decode
+
+        return paged_decode(self._cpu_decode, query, k_cache, v_cache, g.tables, g.lens, scale)
 
     @staticmethod
     def _attend_bmm(g: _Group, qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

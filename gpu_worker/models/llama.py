@@ -17,6 +17,7 @@ from torch import nn
 from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
 from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from gpu_worker.layers.linear import linear_prepacked, prepack_cpu_weight
 
 
 @dataclass
@@ -145,6 +146,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, **kw)
+        self._lm_head_packed: torch.Tensor | None = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -157,7 +159,16 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> float32 logits [n, vocab]."""
+        if self._lm_head_packed is not None:
+            return linear_prepacked(hidden, self._lm_head_packed).float()
         return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+
+    def prepack_cpu(self) -> bool:
+        """CPU, bf16: every linear layer and the LM head in oneDNN's weight layout (layers/linear.py); a
+        no-op elsewhere. Call after the weights are loaded."""
+        packed = [m.prepack() for m in self.modules() if isinstance(m, Linear)]
+        self._lm_head_packed = prepack_cpu_weight(self.lm_head_weight)
+        return all(packed) and self._lm_head_packed is not None
 
     def set_kv_scales(self, k_scales: list[float], v_scales: list[float]) -> None:
         for layer, ks, vs in zip(self.model.layers, k_scales, v_scales):
