@@ -529,7 +529,8 @@ def sweep_prefill(deadline: float):
     res.append(dict(name="default", **base))
     # (2026-11-22, same H100 kind, tried and removed: Triton's automatic warp specialisation of the unmasked
     # loop, 742-801 us; a packed bf16x2 exp2, 793 us; TMA descriptor loads of whole-page tiles at block 64 /
-    # 128, 731-762 us; one query head per program instead of a GQA group, 789-916 us; all against 738-749 us
+    # 128, 731-762 us; one query head per program instead of a GQA group, 789-916 us; the next tile's q.k
+    # issued before this tile's softmax (FA3's intra-warpgroup overlap), 912-1729 us; all against 738-749 us
     # for the default in the same calls)
     variants = [
         ("bm256 bn64 w8 s3", 16, dict(block_m=256, block_n=64, num_warps=8, num_stages=3)),
