@@ -342,9 +342,11 @@ class Scheduler:
         return None
 
     def _finish_for_capacity(self, g: SequenceGroup) -> None:
-        """``g`` alone cannot get the blocks it needs (it outgrew the GPU pool): stop it (length)."""
-        self.running.remove(g)
-        self._num_running_seqs -= g.max_num_seqs
+        """``g`` alone cannot get the blocks it needs (it outgrew the GPU pool): stop it (length). A running
+        group leaves the running list here; a swapped one was already taken off its queue by the caller."""
+        if g.status is _RUNNING:
+            self.running.remove(g)
+            self._num_running_seqs -= g.max_num_seqs
         outs = []
         parked = list(g.parked)
         self._drop_parked(g, _LENGTH)
@@ -510,6 +512,13 @@ class Scheduler:
                     break
                 # CPU tables mirror the group's sharing, so the step's need can be counted before the swap-in
                 need = kv.num_unique_blocks(g.live) + kv.num_blocks_needed(pairs)
+                if need > kv.gpu.num_blocks:
+                    # its sequences grew apart while swapped out (or were swapped at the edge): even the whole
+                    # pool cannot hold its next step, so it would wait forever; stop it as a running group
+                    # that outgrows the pool is stopped
+                    heapq.heappop(self.swapped)
+                    self._finish_for_capacity(g)
+                    continue
                 if need > kv.gpu.num_free_blocks - wm:
                     break
                 heapq.heappop(self.swapped)
