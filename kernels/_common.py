@@ -146,7 +146,8 @@ class _DirectLauncher:
             spec = spec_fn(args)
         except AttributeError:  # a tensor's place took something else: let the JIT sort it out
             return self.fn[grid](*args, **kwargs)
-        device = _triton_driver().active.get_current_device()  # compiled kernels are loaded per device
+        active = _triton_driver().active
+        device = active.get_current_device()  # compiled kernels are loaded per device
         key = (device, spec, tuple(kwargs.items()) if kwargs_key is None else kwargs_key)
         kernel = self.compiled.get(key)
         if kernel is None:
@@ -157,7 +158,7 @@ class _DirectLauncher:
             self.compiled[key] = kernel
             return kernel
         full = (*args, *(kwargs.get(n, self.defaults[n]) for n in self.names[len(args):]))
-        stream = _triton_driver().active.get_current_stream(device)
+        stream = active.get_current_stream(device)
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         try:
             kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,

@@ -9,6 +9,7 @@ SDPA with GQA; there is no Python loop over sequences.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ class _Group:
     tok_idx: torch.Tensor | None  # flat token indices of this group (None: all tokens, in order)
     pack_idx: torch.Tensor | None  # row of each token in the padded [num_seqs * max_q] query (None: no padding)
     mask: torch.Tensor | None  # bool [num_seqs, 1, max_q, num_blocks * block_size], True = attend
-    additive: torch.Tensor | None = None  # the mask as fp32 0 / -inf, [num_seqs, max_q, 1, keys] (bmm path)
+    additive: torch.Tensor | None = None  # decode groups: the mask as fp32 0 / -inf [1, S, 1, keys] (bmm path)
     tables: np.ndarray | None = None  # decode groups: int32 [num_seqs, num_blocks] block tables (C kernel)
     lens: np.ndarray | None = None  # decode groups: int32 [num_seqs] sequence lengths (C kernel)
     ragged: list[tuple[int, int, int]] | None = None  # chunk groups: (first row, end row, seq_len) per sequence
@@ -64,7 +65,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._ws: dict[str, torch.Tensor] = {}
-        self._cpu_decode = None  # cpu_decode.load() (or False), looked up at the first bf16 decode on the CPU
+        self._cpu_decode = None  # cpu_decode.paged_decode bound to its library (or False), set at the first use
 
     # ---- per step ----------------------------------------------------------------------------
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -213,20 +214,19 @@ class TorchAttentionBackend(AttentionBackend):
                 return o
         k = self._gather("k", k_cache, g, query.dtype, k_scale)
         v = self._gather("v", v_cache, g, query.dtype, v_scale)
-        if max_q > 1 and query.device.type == "cpu" and query.dtype != torch.float32:
-            return self._attend_ragged(g, query, k, v, scale)
+        if query.device.type == "cpu" and query.dtype != torch.float32:  # 16-bit: no SDPA, no query packing
+            if max_q > 1:
+                return self._attend_ragged(g, query, k, v, scale)
+            return self._attend_bmm(g, query, k, v, scale)
         if g.pack_idx is not None:
             qp = query.new_zeros(S * max_q, hq, d)
             qp.index_copy_(0, g.pack_idx, query)
         else:
             qp = query
-        if query.device.type == "cpu" and query.dtype != torch.float32:
-            o = self._attend_bmm(g, qp, k, v, scale)
-        else:
-            q = qp.view(S, max_q, hq, d).transpose(1, 2)  # [S, Hq, max_q, D]
-            o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=g.mask,
-                                               scale=scale, enable_gqa=hq != k.shape[0])
-            o = o.transpose(1, 2).reshape(S * max_q, hq, d)
+        q = qp.view(S, max_q, hq, d).transpose(1, 2)  # [S, Hq, max_q, D]
+        o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=g.mask,
+                                           scale=scale, enable_gqa=hq != k.shape[0])
+        o = o.transpose(1, 2).reshape(S * max_q, hq, d)
         if g.pack_idx is not None:
             o = o.index_select(0, g.pack_idx)
         return o
@@ -236,34 +236,33 @@ class TorchAttentionBackend(AttentionBackend):
         if self._cpu_decode is None:
             from gpu_worker.attention import cpu_decode
 
-            self._cpu_decode = cpu_decode.load() or False
+            lib = cpu_decode.load()
+            self._cpu_decode = functools.partial(cpu_decode.paged_decode, lib) if lib is not None else False
         if not self._cpu_decode or query.device.type != "cpu" or query.stride(-1) != 1:
             return None
-        from gpu_worker.attention.cpu_decode import paged_decode
-
-        return paged_decode(self._cpu_decode, query, k_cache, v_cache, g.tables, g.lens, scale)
+        return self._cpu_decode(query, k_cache, v_cache, g.tables, g.lens, scale)
 
     @staticmethod
-    def _attend_bmm(g: _Group, qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """16-bit attention on the CPU as two bmm over all (KV head, sequence) pairs: the CPU's SDPA kernels
-        are several times slower in bf16 than in fp32 at these shapes, while oneDNN's bf16 bmm is faster than
-        fp32. k, v: [Hkv, S, Lp, D] (contiguous for a head-major cache: no copy); the query heads sharing a KV
-        head are the rows of its score matrix; softmax runs in fp32."""
-        S, max_q = g.num_seqs, g.max_q
-        _, hq, d = qp.shape
+    def _attend_bmm(g: _Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """16-bit decode on the CPU without the C kernel, as two bmm over all (KV head, sequence) pairs: the
+        CPU's SDPA kernels are several times slower in bf16 than in fp32 at these shapes, while oneDNN's bf16
+        bmm is faster than fp32. k, v: [Hkv, S, Lp, D] (contiguous for a head-major cache: no copy); the query
+        heads sharing a KV head are the rows of its score matrix; softmax runs in fp32."""
+        S = g.num_seqs
+        _, hq, d = q.shape
         hkv, keys = k.shape[0], k.shape[2]
         grp = hq // hkv
         if g.additive is None and g.mask is not None:
             g.additive = torch.zeros(g.mask.shape, dtype=torch.float32).masked_fill_(~g.mask, float("-inf")) \
-                .view(1, S, max_q, 1, keys)
-        qh = qp.view(S, max_q, hkv, grp, d).permute(2, 0, 1, 3, 4).reshape(hkv * S, max_q * grp, d)
+                .view(1, S, 1, keys)
+        qh = q.view(S, hkv, grp, d).transpose(0, 1).reshape(hkv * S, grp, d)
         s = torch.bmm(qh, k.reshape(hkv * S, keys, d).transpose(1, 2))
-        s = s.view(hkv, S, max_q, grp, keys).float().mul_(scale)
+        s = s.view(hkv, S, grp, keys).float().mul_(scale)
         if g.additive is not None:
             s.add_(g.additive)
-        p = torch.softmax(s, dim=-1).to(qp.dtype).view(hkv * S, max_q * grp, keys)
-        o = torch.bmm(p, v.reshape(hkv * S, keys, d)).view(hkv, S, max_q, grp, d)
-        return o.permute(1, 2, 0, 3, 4).reshape(S * max_q, hq, d)
+        p = torch.softmax(s, dim=-1).to(q.dtype).view(hkv * S, grp, keys)
+        o = torch.bmm(p, v.reshape(hkv * S, keys, d)).view(hkv, S, grp, d)
+        return o.transpose(0, 1).reshape(S, hq, d)
 
     @staticmethod
     def _attend_ragged(g: _Group, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
