@@ -131,6 +131,12 @@ def contiguous_kv(kv, bt, sl, dtype=torch.bfloat16, scales=(1.0, 1.0)):
 # ------------------------------------------------------------------------------------------------ checks
 
 
+def sm90_ok(q, k_cache) -> bool:
+    from kernels.paged_prefill_attention_sm90 import supports
+
+    return supports(q, k_cache)
+
+
 def check_all() -> list[str]:
     failures = []
 
@@ -159,6 +165,9 @@ def check_all() -> list[str]:
             i += nb
         kv[:, :, perm[-3:]] = float("nan")  # spare blocks: NaN, and garbage table entries point at one
         bt[:, -2] = perm[-1].int()
+        for b, n in enumerate(lens):  # the tail of each sequence's last block is not part of it: NaN
+            if n % bs:
+                kv[1, :, bt[b, nblk[b] - 1].long(), n % bs:] = float("nan")
         k, v = kv[1, 0], kv[1, 1]
         sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
         q = torch.randn((len(lens), hkv * gqa, hd), generator=g, device=DEV).to(dtype)
@@ -173,12 +182,14 @@ def check_all() -> list[str]:
         qp = torch.randn((int(qsl[-1]), hkv * gqa, hd), generator=g, device=DEV).to(dtype)
         refp = kernels.paged_prefill_attention_ref(qp, k, v, bt, sl, qsl, max(qlens), hd**-0.5,
                                                    out_dtype=torch.float64)
-        outp = torch.full_like(qp, float("nan"))
-        kernels.paged_prefill_attention(qp, k, v, bt, sl, qsl, max(qlens), hd**-0.5, out=outp)
-        errs.append(rel_err(outp, refp))
+        for prefill_kernel in ("triton", "sm90") if sm90_ok(qp, k) else ("triton",):
+            outp = torch.full_like(qp, float("nan"))
+            kernels.paged_prefill_attention(qp, k, v, bt, sl, qsl, max(qlens), hd**-0.5, out=outp,
+                                            kernel=prefill_kernel)
+            errs.append(rel_err(outp, refp))
         ok = all(e < tol[dtype] for e in errs)  # NaN fails
         expect(f"decode/prefill {str(dtype)[6:]} bs={bs} gqa={gqa} hd={hd}", ok,
-               "decode(auto, 5 splits) / prefill rel err " + " ".join(f"{e:.1e}" for e in errs))
+               "decode(auto, 5 splits) / prefill (triton[, sm90]) rel err " + " ".join(f"{e:.1e}" for e in errs))
     # FP8 caches
     for bs in (16, 128):
         ks, vs = 0.02, 0.03
@@ -431,6 +442,11 @@ def prefill_row(batch=8, prompt=2048, bs=16, cfg=None, sdpa=True):
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEV) * prompt
     out = torch.empty_like(q)
     fn = lambda: kernels.paged_prefill_attention(q, k, v, bt, sl, qsl, prompt, D**-0.5, out=out, **(cfg or {}))  # noqa: E731
+    if cfg and "pingpong" in cfg:  # a knob of the sm90 kernel only
+        from kernels.paged_prefill_attention_sm90 import paged_prefill_attention_sm90
+
+        c = {name: val for name, val in cfg.items() if name != "kernel"}
+        fn = lambda: paged_prefill_attention_sm90(q, k, v, bt, sl, qsl, D**-0.5, out=out, **c)  # noqa: E731
     fn()
     kc, vc = contiguous_kv(kv, bt, sl)
     q4 = q.view(batch, prompt, HQ, D).transpose(1, 2).contiguous()
@@ -523,8 +539,8 @@ def sweep_prefill(deadline: float):
     128 (one block-table entry per tile) to see what the paging itself costs. cuDNN SDPA is timed first in
     the same process."""
     res = []
-    base = prefill_row(cfg=None, sdpa=True)
-    log(f"  default: {base['t_ms']*1e3:.0f} us, SDPA {base['sdpa_form']} {base['sdpa_ms']*1e3:.0f} us "
+    base = prefill_row(cfg=dict(kernel="triton"), sdpa=True)
+    log(f"  triton default: {base['t_ms']*1e3:.0f} us, SDPA {base['sdpa_form']} {base['sdpa_ms']*1e3:.0f} us "
         f"({base['sdpa_ms']/base['t_ms']:.3f}x)")
     res.append(dict(name="default", **base))
     # (2026-11-22, same H100 kind, tried and removed: Triton's automatic warp specialisation of the unmasked
@@ -533,13 +549,14 @@ def sweep_prefill(deadline: float):
     # issued before this tile's softmax (FA3's intra-warpgroup overlap), 912-1729 us; all against 738-749 us
     # for the default in the same calls)
     variants = [
-        ("bm256 bn64 w8 s3", 16, dict(block_m=256, block_n=64, num_warps=8, num_stages=3)),
-        ("bm256 bn64 w16 s3", 16, dict(block_m=256, block_n=64, num_warps=16, num_stages=3)),
-        ("bm128 bn128 w8 s3", 16, dict(block_m=128, block_n=128, num_warps=8, num_stages=3)),
-        ("bm128 bn64 w8 s3", 16, dict(block_m=128, block_n=64, num_warps=8, num_stages=3)),
-        ("bm256 bn32 w16 s4", 16, dict(block_m=256, block_n=32, num_warps=16, num_stages=4)),
-        ("block 64", 64, None),
-        ("block 128", 128, None),
+        ("sm90 bn64 s3", 16, dict(kernel="sm90", block_n=64, num_stages=3)),
+        ("sm90 bn64 s3 pingpong", 16, dict(kernel="sm90", block_n=64, num_stages=3, pingpong=True)),
+        ("sm90 bn64 s4 pingpong", 16, dict(kernel="sm90", block_n=64, num_stages=4, pingpong=True)),
+        ("sm90 bn64 s4", 16, dict(kernel="sm90", block_n=64, num_stages=4)),
+        ("sm90 bn128 s2 pingpong", 16, dict(kernel="sm90", block_n=128, num_stages=2, pingpong=True)),
+        ("sm90 bn64 s3 block 64", 64, dict(kernel="sm90", block_n=64, num_stages=3)),
+        ("sm90 bn64 s3 block 128", 128, dict(kernel="sm90", block_n=64, num_stages=3)),
+        ("triton block 64", 64, dict(kernel="triton")),
     ]
     for name, bs, cfg in variants:
         if time.time() > deadline:
@@ -551,6 +568,15 @@ def sweep_prefill(deadline: float):
             res.append(dict(name=name, **r))
         except Exception as e:  # noqa: BLE001
             log(f"  {name}: {type(e).__name__} {str(e)[:300]}")
+    # host cost of a small call (1 x 64 new tokens on a 64-token context): back-to-back wall us per call
+    kv, bt, sl = paged_inputs(1, 64, 16, seed=3)
+    q = torch.randn((64, HQ, D), device=DEV, dtype=torch.bfloat16)
+    qsl = torch.tensor([0, 64], dtype=torch.int32, device=DEV)
+    for name in ("triton", "sm90"):
+        us = cpu_us_per_call(lambda: kernels.paged_prefill_attention(q, kv[0, 0], kv[0, 1], bt, sl, qsl, 64,
+                                                                     D**-0.5, kernel=name))
+        log(f"  small prefill call (1 x 64), {name}: {us:.1f} us per call back to back")
+        res.append(dict(name=f"host {name}", host_us=us))
     return res
 
 
@@ -636,12 +662,20 @@ def main():
                 if base and base.get("graph_ms") and r.get("graph_ms"):
                     r["speedup_vs_bf16_graph"] = base["graph_ms"] / r["graph_ms"]
         log("== prefill ==")
-        try:
-            pr = prefill_row()
-            result["prefill"] = [pr]
-            log("  " + json.dumps(pr))
-        except Exception:  # noqa: BLE001
-            log(traceback.format_exc()[-600:])
+        result["prefill"] = []
+        for kernel_name in ("auto", "triton"):  # auto: the Gluon kernel on Hopper
+            try:
+                pr = prefill_row(cfg=dict(kernel=kernel_name), sdpa=kernel_name == "auto")
+                pr["kernel"] = "sm90 (Gluon)" if kernel_name == "auto" and sm90_ok(
+                    torch.empty(1, 1, D, device=DEV, dtype=torch.bfloat16),
+                    torch.empty(1, 16, HKV, D, device=DEV, dtype=torch.bfloat16)) else "triton"
+                if result["prefill"]:  # SDPA timed once, with the first row
+                    for key in ("sdpa_ms", "sdpa_form", "sdpa_tflops", "sdpa_all_ms"):
+                        pr[key] = result["prefill"][0][key]
+                result["prefill"].append(pr)
+                log("  " + json.dumps(pr))
+            except Exception:  # noqa: BLE001
+                log(traceback.format_exc()[-600:])
         md = render_md(result)
         with open(os.path.join(args.out, "kernels.md"), "w") as f:
             f.write(md)
@@ -700,7 +734,8 @@ def render_md(result) -> str:
     for p in result.get("prefill", []):
         lines += [
             "",
-            f"Paged prefill, batch {p['batch']} x {p['prompt']}-token prompts (block {p['block']}, causal): "
+            f"Paged prefill ({p.get('kernel', 'triton')} kernel), batch {p['batch']} x {p['prompt']}-token prompts "
+            f"(block {p['block']}, causal): "
             f"{p['t_ms']*1e3:.0f} us ({p['tflops']:.0f} TFLOP/s) vs SDPA causal on contiguous K/V "
             f"{p['sdpa_ms']*1e3:.0f} us ({p['sdpa_tflops']:.0f} TFLOP/s, {p['sdpa_form']}): "
             f"{p['sdpa_ms']/p['t_ms']:.2f}x SDPA; rel err vs SDPA {p['err']:.1e}",

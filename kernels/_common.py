@@ -110,8 +110,9 @@ class _DirectLauncher:
         """A function of the argument tuple returning what the JIT specialises on, built (like Triton's own
         binder) as one tuple expression, from the kinds of arguments this kernel is called with: a tensor
         gives its dtype and its address modulo 16, an int its value (only its 32/64-bit range when it is
-        `do_not_specialize`), a float its class (an int passed there instead changes the key); where None was
-        passed, anything but None (a TMA descriptor, say) sends that call through the JIT."""
+        `do_not_specialize`), a float its class (an int passed there instead changes the key), a Gluon TMA
+        descriptor its dtype, block shape, layout and padding; where None was passed, anything but None sends
+        that call through the JIT."""
         parts = []
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
@@ -120,6 +121,8 @@ class _DirectLauncher:
                 parts.append(f"a[{i}].__class__")
             elif isinstance(a, int) and not isinstance(a, bool):
                 parts.append(f"-2147483648 <= a[{i}] < 2147483648" if self.dns[i] else f"a[{i}]")
+            elif _is_gluon_tensor_descriptor(a):  # the launcher builds the TMA map from it at every launch
+                parts.append(f"(a[{i}].base.dtype, tuple(a[{i}].block_shape), a[{i}].layout, a[{i}].padding)")
             elif a is None:  # an optional argument left out; anything else there goes through the JIT
                 parts.append(f"a[{i}] is None or _other()")
             else:
@@ -168,6 +171,10 @@ class _DirectLauncher:
             self.direct = False
             return self.fn[grid](*args, **kwargs)
         return kernel
+
+
+def _is_gluon_tensor_descriptor(a) -> bool:
+    return type(a).__name__ == "TensorDescriptor" and type(a).__module__.startswith("triton.experimental.gluon")
 
 
 def _other_argument():

@@ -19,6 +19,8 @@ Kernel design
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -210,6 +212,17 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
     return 256, 64, 8, 3
 
 
+def _use_sm90(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The Gluon kernel serves Hopper bf16/fp16 calls unless PAGEDFLEET_SM90_PREFILL=0."""
+    if os.environ.get("PAGEDFLEET_SM90_PREFILL", "1") == "0" or q.device.type != "cuda":
+        return False
+    try:
+        from .paged_prefill_attention_sm90 import supports
+    except ImportError:  # a Triton without Gluon
+        return False
+    return supports(q, k_cache)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -227,13 +240,24 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Causal attention of new tokens over a paged KV cache; returns `out` ([num_tokens, q_heads, head_dim]).
 
     `max_query_len` is accepted for interface compatibility (the grid is sized from num_tokens and
     num_seqs, which needs no bound). k_scale / v_scale dequantise FP8 caches and are ignored otherwise.
+    `kernel`: "triton" (this file's kernel), "sm90" (the Gluon kernel for Hopper,
+    paged_prefill_attention_sm90.py) or "auto" (sm90 where it applies, else triton).
     """
     del max_query_len
+    if kernel not in ("auto", "triton", "sm90"):
+        raise ValueError(f"unknown prefill kernel {kernel!r}")
+    if kernel == "sm90" or (kernel == "auto" and _use_sm90(q, k_cache)):
+        from .paged_prefill_attention_sm90 import paged_prefill_attention_sm90
+
+        cfg = {k: v for k, v in dict(block_n=block_n, num_stages=num_stages).items() if v is not None}
+        return paged_prefill_attention_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                            out=out, **cfg)
     q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
         q, k_cache, v_cache, block_tables, out, "num_tokens")
     num_tokens, num_q_heads, _ = q.shape
