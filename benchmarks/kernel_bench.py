@@ -442,11 +442,6 @@ def prefill_row(batch=8, prompt=2048, bs=16, cfg=None, sdpa=True):
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEV) * prompt
     out = torch.empty_like(q)
     fn = lambda: kernels.paged_prefill_attention(q, k, v, bt, sl, qsl, prompt, D**-0.5, out=out, **(cfg or {}))  # noqa: E731
-    if cfg and "pingpong" in cfg:  # a knob of the sm90 kernel only
-        from kernels.paged_prefill_attention_sm90 import paged_prefill_attention_sm90
-
-        c = {name: val for name, val in cfg.items() if name != "kernel"}
-        fn = lambda: paged_prefill_attention_sm90(q, k, v, bt, sl, qsl, D**-0.5, out=out, **c)  # noqa: E731
     fn()
     kc, vc = contiguous_kv(kv, bt, sl)
     q4 = q.view(batch, prompt, HQ, D).transpose(1, 2).contiguous()
@@ -535,9 +530,9 @@ def sweep(deadline: float):
 
 
 def sweep_prefill(deadline: float):
-    """Prefill variants at 8 x 2048 (block 16 unless named): tile shapes, warps, stages, and block sizes 64 /
-    128 (one block-table entry per tile) to see what the paging itself costs. cuDNN SDPA is timed first in
-    the same process."""
+    """Prefill variants at 8 x 2048 (block 16 unless named): the Gluon (sm90) kernel's tile and ring depth,
+    block sizes 64 / 128 (fewer, larger page loads) to see what the paging itself costs; then the host cost
+    of a small call. cuDNN SDPA is timed first in the same process, with the Triton kernel's default."""
     res = []
     base = prefill_row(cfg=dict(kernel="triton"), sdpa=True)
     log(f"  triton default: {base['t_ms']*1e3:.0f} us, SDPA {base['sdpa_form']} {base['sdpa_ms']*1e3:.0f} us "
@@ -547,15 +542,14 @@ def sweep_prefill(deadline: float):
     # loop, 742-801 us; a packed bf16x2 exp2, 793 us; TMA descriptor loads of whole-page tiles at block 64 /
     # 128, 731-762 us; one query head per program instead of a GQA group, 789-916 us; the next tile's q.k
     # issued before this tile's softmax (FA3's intra-warpgroup overlap), 912-1729 us; all against 738-749 us
-    # for the default in the same calls)
+    # for the default in the same calls. Third session, the Gluon kernel: without warp specialisation
+    # (cp.async ring, CTA barriers) 853-1500 us; FA3's ping-pong of the two consumer warpgroups on an
+    # mbarrier pair 632-633 us against 624-650 us without; BLOCK_N 128 with 2 stages 712-780 us.)
     variants = [
+        ("sm90 bn64 s4 (default)", 16, dict(kernel="sm90", block_n=64, num_stages=4)),
         ("sm90 bn64 s3", 16, dict(kernel="sm90", block_n=64, num_stages=3)),
-        ("sm90 bn64 s3 pingpong", 16, dict(kernel="sm90", block_n=64, num_stages=3, pingpong=True)),
-        ("sm90 bn64 s4 pingpong", 16, dict(kernel="sm90", block_n=64, num_stages=4, pingpong=True)),
-        ("sm90 bn64 s4", 16, dict(kernel="sm90", block_n=64, num_stages=4)),
-        ("sm90 bn128 s2 pingpong", 16, dict(kernel="sm90", block_n=128, num_stages=2, pingpong=True)),
-        ("sm90 bn64 s3 block 64", 64, dict(kernel="sm90", block_n=64, num_stages=3)),
-        ("sm90 bn64 s3 block 128", 128, dict(kernel="sm90", block_n=64, num_stages=3)),
+        ("sm90 bn64 s4 block 64", 64, dict(kernel="sm90", block_n=64, num_stages=4)),
+        ("sm90 bn64 s4 block 128", 128, dict(kernel="sm90", block_n=64, num_stages=4)),
         ("triton block 64", 64, dict(kernel="triton")),
     ]
     for name, bs, cfg in variants:
