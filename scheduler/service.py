@@ -82,6 +82,9 @@ class WorkerHandle:
         self.task: asyncio.Task | None = None
         self.steps = 0
         self.last_stats: dict = {}
+        # the Redis writes of this worker's last step (its deltas and the StepResult ack), running while the
+        # worker executes the next step; awaited before the next step's writes, so they stay in order
+        self.publishing: asyncio.Future | None = None
 
 
 class SchedulerService:
@@ -249,6 +252,8 @@ class SchedulerService:
             h.task.cancel()
             with contextlib.suppress(BaseException):
                 await h.task
+        with contextlib.suppress(Exception):  # its last step's deltas reach the clients before any resume
+            await self._flush_publishing(h)
         # forget it in Redis (only if that registration is still the dead one)
         cur = await self.r.hget(S.WORKERS, h.wid)
         async with self.r.pipeline(transaction=True) as p:
@@ -455,8 +460,11 @@ class SchedulerService:
             self.orphans.remove(st)
         await self.finish_locally(st, FinishReason.ABORT, None)
 
-    async def finish_locally(self, st: ReqState, reason: FinishReason, error: str | None) -> None:
-        """Publish a final delta for a request no Scheduler will report on, and forget it."""
+    async def finish_locally(self, st: ReqState, reason: FinishReason, error: str | None,
+                             last_worker: WorkerHandle | None = None) -> None:
+        """Publish a final delta for a request no Scheduler will report on, and forget it (after any of its
+        deltas still being written, so the final one comes last)."""
+        await self._flush_publishing(last_worker or self.workers.get(st.worker_id or ""))
         n = st.request.sampling.n
         outs = [SequenceOutputDelta(index=i, finish_reason=reason) for i in range(n) if i not in st.finished_idx]
         delta = RequestOutputDelta(request_id=st.request_id, outputs=outs, finished=True, error=error,
@@ -641,25 +649,43 @@ class SchedulerService:
         t.add_done_callback(lambda x: self._tasks.remove(x) if x in self._tasks else None)
 
     async def _apply_deltas(self, h: WorkerHandle, deltas: list[RequestOutputDelta], entry_id: str | None) -> None:
+        """Take a step's deltas into the request states now (the next plan and any recovery see them), and
+        publish them (with the StepResult's ack) in the background: encoding and writing a delta per running
+        request costs milliseconds per step, which the worker would otherwise sit idle through."""
+        states = []
+        for d in deltas:
+            st = self.requests.get(d.request_id)
+            if st is not None:
+                for o in d.outputs:
+                    if o.token_ids:
+                        st.generated.setdefault(o.index, []).extend(o.token_ids)
+                    if o.finish_reason is not None:
+                        st.finished_idx.add(o.index)
+                if d.finished:
+                    self._forget(st)
+                    h.requests.discard(st.request_id)
+            states.append(st)
+        await self._flush_publishing(h)  # the previous step's writes: normally done while this step ran
+        if deltas or entry_id is not None:
+            h.publishing = asyncio.ensure_future(self._publish_step(deltas, states, entry_id))
+
+    async def _publish_step(self, deltas: list[RequestOutputDelta], states: list[ReqState | None],
+                            entry_id: str | None) -> None:
         async with self.r.pipeline(transaction=True) as p:
-            finished = []
-            for d in deltas:
-                st = self.requests.get(d.request_id)
-                if st is not None:
-                    for o in d.outputs:
-                        if o.token_ids:
-                            st.generated.setdefault(o.index, []).extend(o.token_ids)
-                        if o.finish_reason is not None:
-                            st.finished_idx.add(o.index)
-                    if d.finished:
-                        finished.append(st)
+            for d, st in zip(deltas, states):
                 self._publish(p, d, st)
             if entry_id is not None:
                 p.xack(S.RESULTS, S.SCHEDULER_GROUP, entry_id)
             await p.execute()
-        for st in finished:
-            self._forget(st)
-            h.requests.discard(st.request_id)
+
+    @staticmethod
+    async def _flush_publishing(h: WorkerHandle | None) -> None:
+        """Wait for the worker's pending step writes (a failure surfaces here, in the worker's loop)."""
+        pending = h.publishing if h is not None else None
+        if pending is not None:
+            await asyncio.shield(pending)  # a cancelled waiter (a worker loop being stopped) leaves it running
+            if h.publishing is pending:
+                h.publishing = None
 
     # ================================================================================ recovery
     async def bounce_workers(self) -> None:
@@ -831,6 +857,9 @@ class SchedulerService:
         for h in list(self.workers.values()):
             if h.task:
                 h.task.cancel()
+        for h in list(self.workers.values()):
+            with contextlib.suppress(BaseException):
+                await self._flush_publishing(h)
         for t in tasks:
             if t.get_name() != "http":
                 t.cancel()
