@@ -212,15 +212,15 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
     return 256, 64, 8, 3
 
 
-def _use_sm90(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The Gluon kernel serves Hopper bf16/fp16 calls unless PAGEDFLEET_SM90_PREFILL=0."""
+def _use_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The Gluon kernel serves the Hopper calls it supports unless PAGEDFLEET_SM90_PREFILL=0."""
     if os.environ.get("PAGEDFLEET_SM90_PREFILL", "1") == "0" or q.device.type != "cuda":
         return False
     try:
         from .paged_prefill_attention_sm90 import supports
     except ImportError:  # a Triton without Gluon
         return False
-    return supports(q, k_cache)
+    return supports(q, k_cache, v_cache)
 
 
 def paged_prefill_attention(
@@ -247,12 +247,18 @@ def paged_prefill_attention(
     `max_query_len` is accepted for interface compatibility (the grid is sized from num_tokens and
     num_seqs, which needs no bound). k_scale / v_scale dequantise FP8 caches and are ignored otherwise.
     `kernel`: "triton" (this file's kernel), "sm90" (the Gluon kernel for Hopper,
-    paged_prefill_attention_sm90.py) or "auto" (sm90 where it applies, else triton).
+    paged_prefill_attention_sm90.py) or "auto" (sm90 where it applies, else triton; a tile configuration
+    passed with "auto" is this kernel's, so it selects "triton").
     """
     del max_query_len
     if kernel not in ("auto", "triton", "sm90"):
         raise ValueError(f"unknown prefill kernel {kernel!r}")
-    if kernel == "sm90" or (kernel == "auto" and _use_sm90(q, k_cache)):
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
+        raise ValueError("query_start_loc must have num_seqs + 1 entries")
+    tile_config = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    # a tile configuration given with "auto" is one of this kernel's (the Gluon kernel has its own knobs)
+    auto_sm90 = kernel == "auto" and all(v is None for v in tile_config.values()) and _use_sm90(q, k_cache, v_cache)
+    if kernel == "sm90" or auto_sm90:
         from .paged_prefill_attention_sm90 import paged_prefill_attention_sm90
 
         cfg = {k: v for k, v in dict(block_n=block_n, num_stages=num_stages).items() if v is not None}
@@ -262,8 +268,6 @@ def paged_prefill_attention(
         q, k_cache, v_cache, block_tables, out, "num_tokens")
     num_tokens, num_q_heads, _ = q.shape
     num_seqs = seq_lens.shape[0]
-    if query_start_loc.shape[0] != num_seqs + 1:
-        raise ValueError("query_start_loc must have num_seqs + 1 entries")
     seq_lens = seq_lens.to(torch.int32).contiguous()
     query_start_loc = query_start_loc.to(torch.int32).contiguous()
     if num_tokens == 0 or num_seqs == 0:

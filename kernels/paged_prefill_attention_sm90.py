@@ -42,6 +42,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ._common import LOG2E, launch_kernel, prepare_attention_call
 
 ROWS_PER_WARPGROUP = 64
+_SMEM_BYTES = 200 * 1024  # of the 227 KB a Hopper block may use: room for barriers and the epilogue's scratch
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -87,9 +88,9 @@ def _kv_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, bt_r
 
 
 @gluon.jit
-def _attention_consumer(q_ptr, out_ptr, q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, qk_scale, kvh, q_begin,
-                        q_len, q_block, context, num_tiles, num_full, last_pos, seq_len, stride_qt, stride_qh,
-                        stride_ot, stride_oh, WARPGROUP: gl.constexpr, QUERIES_PER_KV: gl.constexpr,
+def _attention_consumer(q_ptr, out_ptr, q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, tail_zeroed, qk_scale,
+                        kvh, q_begin, q_len, q_block, context, num_tiles, num_full, last_pos, seq_len, stride_qt,
+                        stride_qh, stride_ot, stride_oh, WARPGROUP: gl.constexpr, QUERIES_PER_KV: gl.constexpr,
                         BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                         NUM_STAGES: gl.constexpr):
     """One warpgroup: 64 query rows of the program's tile, all key tiles."""
@@ -159,14 +160,17 @@ def _attention_consumer(q_ptr, out_ptr, q_smem, k_smem, v_smem, k_ready, v_ready
     if num_tiles * BLOCK_N > seq_len:
         # The last tile reaches past the sequence: rows there came with their page (the tail of its last
         # block) and may hold anything. P is 0 there, but 0 * NaN is NaN, so zero every row from last_pos
-        # on. Both warpgroups write the same values, and the slot is not refilled (no later tile), so the
-        # overlap is harmless.
-        v_last = v_smem.index(last)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io_layout))
-        v_tile = v_last.load(io_layout)
-        v_last.store(gl.where((offs_n < last_pos % BLOCK_N)[:, None], v_tile, gl.zeros_like(v_tile)))
+        # on: each warpgroup its half of the rows, then both wait until both halves are done (the slot is
+        # not refilled: no later tile).
+        HALF: gl.constexpr = BLOCK_N // 2
+        v_half = v_smem.index(last).slice(WARPGROUP * HALF, HALF)
+        offs_n = WARPGROUP * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, io_layout))
+        v_rows = v_half.load(io_layout)
+        v_half.store(gl.where((offs_n < last_pos - (num_tiles - 1) * BLOCK_N)[:, None], v_rows,
+                              gl.zeros_like(v_rows)))
         fence_async_shared()
-        gl.thread_barrier()
+        mbarrier.arrive(tail_zeroed, count=1)
+        mbarrier.wait(tail_zeroed, 0)
     acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
 
@@ -234,20 +238,22 @@ def _paged_prefill_sm90_kernel(
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         kv_free = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        tail_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_free.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(tail_zeroed, count=2)
 
         bt_row = bt_ptr + seq.to(gl.int64) * stride_bt
         kv_col = kvh * HEAD_DIM
         gl.warp_specialize([
             (_attention_consumer, (q_ptr, out_ptr, q_smem.index(0), k_smem, v_smem, k_ready, v_ready, kv_free,
-                                   qk_scale, kvh, q_begin, q_len, q_block, context, num_tiles, num_full,
+                                   tail_zeroed, qk_scale, kvh, q_begin, q_len, q_block, context, num_tiles, num_full,
                                    last_pos, seq_len, stride_qt, stride_qh, stride_ot, stride_oh, 0,
                                    QUERIES_PER_KV, BLOCK_Q, HEAD_DIM, BLOCK_N, NUM_STAGES)),
             (_attention_consumer, (q_ptr, out_ptr, q_smem.index(1), k_smem, v_smem, k_ready, v_ready, kv_free,
-                                   qk_scale, kvh, q_begin, q_len, q_block, context, num_tiles, num_full,
+                                   tail_zeroed, qk_scale, kvh, q_begin, q_len, q_block, context, num_tiles, num_full,
                                    last_pos, seq_len, stride_qt, stride_qh, stride_ot, stride_oh, 1,
                                    QUERIES_PER_KV, BLOCK_Q, HEAD_DIM, BLOCK_N, NUM_STAGES)),
             (_kv_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_free, bt_row, num_tiles, last_pos,
@@ -258,6 +264,7 @@ def _paged_prefill_sm90_kernel(
             mbarrier.invalidate(k_ready.index(i))
             mbarrier.invalidate(v_ready.index(i))
             mbarrier.invalidate(kv_free.index(i))
+        mbarrier.invalidate(tail_zeroed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,14 +272,21 @@ def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether this kernel serves the call: Hopper, bf16/fp16 q and caches, head_dim 64 or 128, caches laid
-    out [num_blocks, block_size, num_kv_heads, head_dim] contiguously (the TMA view)."""
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None) -> bool:
+    """Whether this kernel serves the call: Hopper; bf16/fp16 q and caches; head_dim 64 or 128; a GQA ratio
+    dividing the 128-row tile; blocks of at least 8 tokens (a TMA box of whole 128-byte swizzle rows); caches
+    laid out [num_blocks, block_size, num_kv_heads, head_dim] contiguously (the TMA view)."""
     if q.device.type != "cuda" or not _is_hopper(q.device.index if q.device.index is not None else
                                                  torch.cuda.current_device()):
         return False
-    return (q.dtype in _GL_DTYPES and k_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
-            and k_cache.is_contiguous())
+    v_cache = k_cache if v_cache is None else v_cache
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        return False
+    num_q_heads, num_kv_heads, block_size = q.shape[1], k_cache.shape[2], k_cache.shape[1]
+    return (q.dtype in _GL_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and q.shape[-1] in (64, 128) and num_q_heads % num_kv_heads == 0
+            and (2 * ROWS_PER_WARPGROUP) % (num_q_heads // num_kv_heads) == 0 and block_size >= 8
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,9 +317,14 @@ def paged_prefill_attention_sm90(
     num_stages: int = 4,
 ) -> torch.Tensor:
     """Causal attention of new tokens over a paged KV cache on Hopper (see `paged_prefill_attention`)."""
-    if not supports(q, k_cache):
+    if not supports(q, k_cache, v_cache):
         raise ValueError("the sm90 prefill kernel needs CUDA tensors on a Hopper GPU, bf16 or fp16 q and caches of "
-                         "q's dtype, head_dim 64 or 128 and contiguous caches; use kernel='triton'")
+                         "q's dtype, head_dim 64 or 128, a GQA ratio dividing 128, blocks of >= 8 tokens and "
+                         "contiguous caches; use kernel='triton'")
+    smem = 2 * (2 * ROWS_PER_WARPGROUP + 2 * num_stages * block_n) * q.shape[-1]
+    if num_stages < 2 or block_n not in (32, 64, 128) or smem > _SMEM_BYTES:
+        raise ValueError(f"block_n {block_n} with {num_stages} stages: need 2+ stages, block_n 32/64/128 and "
+                         f"Q + K/V ring within {_SMEM_BYTES} bytes of shared memory ({smem} asked)")
     q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
         q, k_cache, v_cache, block_tables, out, "num_tokens")
     num_tokens, num_q_heads, _ = q.shape
