@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -49,6 +50,11 @@ class WorkerDead(Exception):
     pass
 
 
+def _log_failed_write(worker_id: str, fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("writing the outputs of a step of worker %s failed: %r", worker_id, fut.exception())
+
+
 @dataclass
 class ReqState:
     request: GenerationRequest
@@ -62,6 +68,7 @@ class ReqState:
     started: bool = False
     received_at: float = field(default_factory=time.time)  # when this scheduler read it (wall clock)
     queue_observed: bool = False  # its queue time (arrival to first StepPlan) is in the histogram
+    publishing: asyncio.Future | None = None  # the Redis writes of its latest deltas, while still running
 
     @property
     def request_id(self) -> str:
@@ -253,7 +260,7 @@ class SchedulerService:
             with contextlib.suppress(BaseException):
                 await h.task
         with contextlib.suppress(Exception):  # its last step's deltas reach the clients before any resume
-            await self._flush_publishing(h)
+            await self._flush_publishing(h)  # (a failure was logged when it happened)
         # forget it in Redis (only if that registration is still the dead one)
         cur = await self.r.hget(S.WORKERS, h.wid)
         async with self.r.pipeline(transaction=True) as p:
@@ -460,11 +467,12 @@ class SchedulerService:
             self.orphans.remove(st)
         await self.finish_locally(st, FinishReason.ABORT, None)
 
-    async def finish_locally(self, st: ReqState, reason: FinishReason, error: str | None,
-                             last_worker: WorkerHandle | None = None) -> None:
+    async def finish_locally(self, st: ReqState, reason: FinishReason, error: str | None) -> None:
         """Publish a final delta for a request no Scheduler will report on, and forget it (after any of its
         deltas still being written, so the final one comes last)."""
-        await self._flush_publishing(last_worker or self.workers.get(st.worker_id or ""))
+        if st.publishing is not None:
+            with contextlib.suppress(Exception):  # a failed write was logged; the final delta still goes out
+                await asyncio.shield(st.publishing)
         n = st.request.sampling.n
         outs = [SequenceOutputDelta(index=i, finish_reason=reason) for i in range(n) if i not in st.finished_idx]
         delta = RequestOutputDelta(request_id=st.request_id, outputs=outs, finished=True, error=error,
@@ -649,9 +657,14 @@ class SchedulerService:
         t.add_done_callback(lambda x: self._tasks.remove(x) if x in self._tasks else None)
 
     async def _apply_deltas(self, h: WorkerHandle, deltas: list[RequestOutputDelta], entry_id: str | None) -> None:
-        """Take a step's deltas into the request states now (the next plan and any recovery see them), and
-        publish them (with the StepResult's ack) in the background: encoding and writing a delta per running
-        request costs milliseconds per step, which the worker would otherwise sit idle through."""
+        """Take a step's tokens into the request states now (the next plan and any recovery see them) and
+        write the deltas (with the StepResult's ack) in the background: encoding and writing a delta per
+        running request costs milliseconds per step, which the worker would otherwise sit idle through.
+
+        The writes of a worker's steps form a chain (each waits for the one before), registered before this
+        coroutine awaits anything, so cancelling the worker's loop never drops one. Finished requests are
+        forgotten only once their final delta is written: if a write fails they are still tracked, and the
+        worker's loop fails on its next step (as a failed write used to fail it at once)."""
         states = []
         for d in deltas:
             st = self.requests.get(d.request_id)
@@ -661,31 +674,46 @@ class SchedulerService:
                         st.generated.setdefault(o.index, []).extend(o.token_ids)
                     if o.finish_reason is not None:
                         st.finished_idx.add(o.index)
-                if d.finished:
-                    self._forget(st)
-                    h.requests.discard(st.request_id)
             states.append(st)
-        await self._flush_publishing(h)  # the previous step's writes: normally done while this step ran
+        prev = h.publishing
         if deltas or entry_id is not None:
-            h.publishing = asyncio.ensure_future(self._publish_step(deltas, states, entry_id))
+            fut = asyncio.ensure_future(self._publish_step(h, prev, deltas, states, entry_id))
+            fut.add_done_callback(functools.partial(_log_failed_write, h.wid))
+            h.publishing = fut
+            for st in states:
+                if st is not None:
+                    st.publishing = fut
+        if prev is not None:  # at most one step's writes behind: normally done while this step ran
+            await asyncio.shield(prev)
 
-    async def _publish_step(self, deltas: list[RequestOutputDelta], states: list[ReqState | None],
-                            entry_id: str | None) -> None:
+    async def _publish_step(self, h: WorkerHandle, prev: asyncio.Future | None, deltas: list[RequestOutputDelta],
+                            states: list[ReqState | None], entry_id: str | None) -> None:
+        if prev is not None:
+            await prev  # in order; if it failed, so does this (the worker's loop is failing already)
         async with self.r.pipeline(transaction=True) as p:
             for d, st in zip(deltas, states):
                 self._publish(p, d, st)
             if entry_id is not None:
                 p.xack(S.RESULTS, S.SCHEDULER_GROUP, entry_id)
             await p.execute()
+        me = asyncio.current_task()
+        for d, st in zip(deltas, states):
+            if st is None:
+                continue
+            if st.publishing is me:
+                st.publishing = None
+            if d.finished:
+                self._forget(st)
+                h.requests.discard(st.request_id)
+        if h.publishing is me:
+            h.publishing = None
 
     @staticmethod
     async def _flush_publishing(h: WorkerHandle | None) -> None:
-        """Wait for the worker's pending step writes (a failure surfaces here, in the worker's loop)."""
+        """Wait for the worker's pending step writes (raises what they raised)."""
         pending = h.publishing if h is not None else None
         if pending is not None:
             await asyncio.shield(pending)  # a cancelled waiter (a worker loop being stopped) leaves it running
-            if h.publishing is pending:
-                h.publishing = None
 
     # ================================================================================ recovery
     async def bounce_workers(self) -> None:
