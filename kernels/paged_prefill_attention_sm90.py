@@ -334,10 +334,7 @@ def paged_prefill_attention_sm90(
     if num_tokens == 0 or num_seqs == 0:
         return out
     qpk = num_q_heads // num_kv_heads
-    block_m = 2 * ROWS_PER_WARPGROUP
-    if block_m % qpk:
-        raise ValueError(f"GQA ratio {qpk} does not divide the {block_m}-row tile")
-    block_q = block_m // qpk
+    block_q = 2 * ROWS_PER_WARPGROUP // qpk  # supports() made sure qpk divides the tile
     tma_rows = min(block_size, block_n)
     grid = (num_kv_heads, num_tokens // block_q + num_seqs)
     args = (q, out, _cache_descriptor(k_cache, tma_rows), _cache_descriptor(v_cache, tma_rows), block_tables,
