@@ -38,6 +38,27 @@ from ._common import (
 )
 
 
+@triton.jit
+def find_query_block(qsl_ptr, num_seqs, qb, BLOCK_Q: tl.constexpr):
+    """Which sequence's queries program `qb` of the flat grid takes: the grid has q_len // BLOCK_Q + 1 blocks
+    per sequence in order (an upper bound needing no host-side table), so it is the last s with
+    qsl[s] // BLOCK_Q + s <= qb, found by a binary search over query_start_loc. Returns (seq, q_begin, q_len,
+    q_block); q_block * BLOCK_Q >= q_len marks a surplus program. (Also called by the Gluon kernel.)"""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        v_mid = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if v_mid <= qb:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_begin = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+    return seq, q_begin, q_len, qb - (q_begin // BLOCK_Q + seq)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_prefill_kernel(
     q_ptr,
@@ -73,21 +94,7 @@ def _paged_prefill_kernel(
 ):
     kvh = tl.program_id(0)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)  # heavy (late) query blocks first
-
-    # sequence owning query block qb: the last s with qsl[s] // BLOCK_Q + s <= qb
-    lo: tl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        v_mid = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        if v_mid <= qb:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    q_begin = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
-    q_block = qb - (q_begin // BLOCK_Q + seq)
+    seq, q_begin, q_len, q_block = find_query_block(qsl_ptr, num_seqs, qb, BLOCK_Q)
     if q_block * BLOCK_Q < q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         context = seq_len - q_len  # keys already in the cache before these queries

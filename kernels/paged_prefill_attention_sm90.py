@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._common import LOG2E, launch_kernel, prepare_attention_call
+from .paged_prefill_attention import find_query_block
 
 ROWS_PER_WARPGROUP = 64
 _SMEM_BYTES = 200 * 1024  # of the 227 KB a Hopper block may use: room for barriers and the epilogue's scratch
@@ -207,21 +208,7 @@ def _paged_prefill_sm90_kernel(
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     kvh = gl.program_id(0)
     qb = gl.num_programs(1) - 1 - gl.program_id(1)  # heavy (late) query blocks first
-
-    # sequence owning query block qb: the last s with qsl[s] // BLOCK_Q + s <= qb
-    lo: gl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        v_mid = gl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        if v_mid <= qb:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    q_begin = gl.load(qsl_ptr + seq)
-    q_len = gl.load(qsl_ptr + seq + 1) - q_begin
-    q_block = qb - (q_begin // BLOCK_Q + seq)
+    seq, q_begin, q_len, q_block = find_query_block(qsl_ptr, num_seqs, qb, BLOCK_Q)  # scalar Triton code
     if q_block * BLOCK_Q < q_len:
         seq_len = gl.load(seq_lens_ptr + seq)
         context = seq_len - q_len
