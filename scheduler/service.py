@@ -473,6 +473,8 @@ class SchedulerService:
         if st.publishing is not None:
             with contextlib.suppress(Exception):  # a failed write was logged; the final delta still goes out
                 await asyncio.shield(st.publishing)
+            if self.requests.get(st.request_id) is not st:
+                return  # that write was its final delta (it finished on the worker meanwhile)
         n = st.request.sampling.n
         outs = [SequenceOutputDelta(index=i, finish_reason=reason) for i in range(n) if i not in st.finished_idx]
         delta = RequestOutputDelta(request_id=st.request_id, outputs=outs, finished=True, error=error,

@@ -131,3 +131,16 @@ def test_a_failed_write_keeps_finished_requests_tracked_and_fails_the_next_step(
         await svc.r.aclose()
 
     asyncio.run(run())
+
+
+def test_abort_of_a_request_whose_final_delta_is_being_written_adds_nothing(redis_server):
+    async def run():
+        svc, h, _ = _setup(redis_server.url, [0.2, 0.0], ["d"])
+        await svc._apply_deltas(h, [_delta("d", [3], finished=True)], None)  # finished on the worker
+        await svc.abort("d", "client went away")  # arrives while that final delta is still being written
+        deltas = await _stream(svc, "d")
+        assert [(d.outputs[0].token_ids, d.finished) for d in deltas] == [([3], True)]
+        assert "d" not in svc.requests
+        await svc.r.aclose()
+
+    asyncio.run(run())
