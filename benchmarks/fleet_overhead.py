@@ -160,7 +160,7 @@ def served_name(model: str | None) -> str:
 
 
 def _phase_sums(f) -> dict[str, float]:
-    """Sums of the scheduler's pagedfleet_step_phase_seconds (schedule / transport / execute)."""
+    """Sums of the scheduler's pagedfleet_step_phase_seconds (schedule / transport / execute / update)."""
     import httpx
 
     out: dict[str, float] = {}

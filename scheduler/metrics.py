@@ -166,7 +166,8 @@ class SchedulerMetrics:
                                         WORKER_LABELS, buckets=BATCHED_TOKENS_BUCKETS, registry=reg)
         self.step_seconds = Histogram("pagedfleet_step_phase_seconds",
                                       "Step time by phase: schedule, transport (plan/result round trip minus "
-                                      "execute), execute (the worker's own time).",
+                                      "execute), execute (the worker's own time), update (the Scheduler's "
+                                      "update and handing the deltas on, waiting for the last step's writes).",
                                       ("worker", "model", "phase"), buckets=STEP_SECONDS_BUCKETS, registry=reg)
         self.queue_seconds = Histogram("pagedfleet_request_queue_seconds",
                                        "Time from arrival to first scheduled.", WORKER_LABELS,
@@ -379,9 +380,11 @@ class SchedulerMetrics:
                     self.swap_bytes.labels(worker_id, model, direction).inc(len(pairs) * bb)
 
     def observe_step(self, worker_id: str, schedule_s: float, transport_s: float, execute_s: float,
-                     batch_size: int, batched_tokens: int, model: str | None = None) -> None:
+                     batch_size: int, batched_tokens: int, model: str | None = None,
+                     update_s: float | None = None) -> None:
         model = self._model(worker_id, model)
-        for phase, s in (("schedule", schedule_s), ("transport", transport_s), ("execute", execute_s)):
+        for phase, s in (("schedule", schedule_s), ("transport", transport_s), ("execute", execute_s),
+                         ("update", update_s)):
             if s is not None:
                 self.step_seconds.labels(worker_id, model, phase).observe(max(0.0, s))
         if batch_size:

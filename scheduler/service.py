@@ -600,13 +600,15 @@ class SchedulerService:
             res.step_id = internal_step
             if res.error:
                 log.error("worker %s failed step %s: %s", h.wid, wire_step, res.error)
+            t2 = time.perf_counter()
             deltas = sched.update(res)  # a failed step finishes its requests with the error
             await self._apply_deltas(h, deltas, entry_id)
+            t_update = time.perf_counter() - t2
             if self.metrics is not None:
                 ex = res.execute_ms / 1000.0
                 self.metrics.observe_plan(h.wid, plan, model)
                 self.metrics.observe_step(h.wid, t_sched, max(0.0, rtt - ex), ex, batch_size=len(plan.scheduled),
-                                          batched_tokens=plan.num_batched_tokens, model=model)
+                                          batched_tokens=plan.num_batched_tokens, model=model, update_s=t_update)
                 if h.steps % 8 == 0 or not sched.has_unfinished_requests():
                     self.metrics.update_ledger(h.wid, model, sched.stats())
 
