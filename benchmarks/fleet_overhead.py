@@ -47,7 +47,8 @@ class Offline:
         kw = {}
         if a is not None:
             kw = dict(model=a.model, device=a.device, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
-                      max_num_batched_tokens=a.max_num_batched_tokens)
+                      max_num_batched_tokens=a.max_num_batched_tokens, quantization=a.quantization,
+                      kv_cache_dtype=a.kv_cache_dtype)
         else:
             kw = dict(num_gpu_blocks=NUM_GPU_BLOCKS)
         self.engine = LLMEngine(EngineConfig(max_model_len=MAX_MODEL_LEN, **kw))
@@ -139,6 +140,10 @@ def start_fleet(threads: int, workers: int, workdir: Path, a=None):
                 cmd += ["--num-gpu-blocks", str(blocks)]
             if model is not None:
                 cmd += ["--model", model]
+            if a is not None and a.quantization:
+                cmd += ["--quantization", a.quantization]
+            if a is not None and a.kv_cache_dtype != "auto":
+                cmd += ["--kv-cache-dtype", a.kv_cache_dtype]
             return self.start(f"worker{i}", cmd)
 
         def start_gateway(self, name_: str = "gateway", port: int | None = None):
@@ -203,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-requests", type=int, default=None, help="only the first N requests of the workload")
     ap.add_argument("--num-gpu-blocks", type=int, default=None,
                     help="KV cache blocks of each model runner (default: 1024 on CPU, sized by the worker on CUDA)")
+    ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 decoder weights (both sides)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="both sides")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--sequential", action="store_true",

@@ -80,11 +80,12 @@ def _time_calls(obj, name: str, acc: dict) -> None:
 
 
 def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int,
-               cuda_graphs: bool = True) -> dict:
+               cuda_graphs: bool = True, quantization: str | None = None) -> dict:
     from pagedfleet.bench.workloads import mixed
 
     t_init = time.perf_counter()
-    eng = _engine(model, device, dtype, "triton", kv_cache_dtype=kv_cache_dtype, max_model_len=2048,
+    eng = _engine(model, device, dtype, "triton", kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                  max_model_len=2048,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9,
                   extra_worker={"enable_cuda_graphs": cuda_graphs})
     init_s = time.perf_counter() - t_init
@@ -126,7 +127,8 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     out_tokens = sum(len(c.token_ids) for o in done for c in o.outputs)
     stats = eng.scheduler.stats()
     res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype,
-           "kv_cache_dtype": kv_cache_dtype, "requests": len(done), "output_tokens": out_tokens,
+           "kv_cache_dtype": kv_cache_dtype, "quantization": quantization, "requests": len(done),
+           "output_tokens": out_tokens,
            "seconds": round(dt, 2), "output_tok_s": round(out_tokens / dt, 1),
            "total_tok_s": round((out_tokens + sum(len(r.prompt_token_ids) for r in reqs)) / dt, 1),
            "steps": steps, "ms_per_step": round(1000 * dt / steps, 2),
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="also run the throughput part with an FP8 KV cache")
+    ap.add_argument("--quantization", default=None, choices=["fp8"],
+                    help="the throughput runs with FP8 decoder weights (gpu_worker/layers/linear.py)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode steps run eagerly")
     ap.add_argument("--compare-graphs", action="store_true",
                     help="also run the bf16 throughput part with CUDA graphs off")
@@ -174,7 +178,8 @@ def main() -> None:
         if a.compare_graphs and graphs:
             runs += [("auto", False)] + ([("fp8", False)] if a.fp8 else [])
         for kv, g in runs:
-            print(json.dumps(throughput(a.model, a.device, a.dtype, kv, a.max_num_seqs, g)), flush=True)
+            print(json.dumps(throughput(a.model, a.device, a.dtype, kv, a.max_num_seqs, g, a.quantization)),
+                  flush=True)
             _free()
 
 

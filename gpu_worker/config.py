@@ -18,6 +18,7 @@ class WorkerConfig:
     swap_space_gib: float | None = None  # None: 4 GiB on CUDA, 0.5 GiB on CPU
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (float8_e4m3fn, per-layer scales)
     kv_scale: float = 1.0  # FP8: the K and V scale of every layer (stored = value / scale)
+    quantization: str | None = None  # None | "fp8": decoder linear weights in float8_e4m3fn (layers/linear.py)
     attention_backend: str = "auto"  # "auto" (triton on CUDA if importable, else torch) | "torch" | "triton"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_batched_tokens: int = 2048  # CUDA profiling forward size
@@ -34,6 +35,8 @@ class WorkerConfig:
             raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} (auto, fp8)")
+        if self.quantization not in (None, "none", "fp8"):
+            raise ValueError(f"quantization: {self.quantization!r} (none, fp8)")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend: {self.attention_backend!r} (auto, torch, triton)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -190,6 +190,14 @@ class ModelRunner:
             else:
                 load_weights(self.model, self.files.path)
         self.model.eval()
+        if config.quantization == "fp8":
+            if self.dtype == torch.float16:
+                raise ValueError("quantization fp8: the model dtype must be bfloat16 or float32")
+            with torch.inference_mode():
+                n = self.model.quantize_fp8()
+            log.info("quantized %d linear layers to FP8", n)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 weights' memory goes to the KV cache
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             self.model.prepack_cpu()  # oneDNN weight layout: no reorder of every weight on every call
         log.info("loaded %s in %.1fs", self.files.name, time.perf_counter() - t0)

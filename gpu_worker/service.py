@@ -102,8 +102,8 @@ class WorkerService:
         a = self.args
         kw = dict(model=a.model, device=a.device, gpu_memory_utilization=a.gpu_memory_utilization,
                   block_size=a.block_size)
-        for name in ("dtype", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_dtype", "attention_backend",
-                     "max_model_len", "seed"):
+        for name in ("dtype", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_dtype", "quantization",
+                     "attention_backend", "max_model_len", "seed"):
             v = getattr(a, name)
             if v is not None:
                 kw[name] = v
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float,
                    default=float(env("PAGEDFLEET_GPU_MEMORY_UTILIZATION", "0.9")))
     p.add_argument("--kv-cache-dtype", default=None)
+    p.add_argument("--quantization", default=env("PAGEDFLEET_QUANTIZATION"), choices=[None, "none", "fp8"],
+                   help="fp8: decoder weights in float8_e4m3fn, activations quantized per token")
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -14,6 +14,7 @@ from .fused_elementwise import (
 )
 from .paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from .paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from .quantize_fp8 import quantize_fp8_rowwise, quantize_fp8_rowwise_ref
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "paged_decode_attention_ref",
     "paged_prefill_attention",
     "paged_prefill_attention_ref",
+    "quantize_fp8_rowwise",
+    "quantize_fp8_rowwise_ref",
     "reshape_and_cache",
     "reshape_and_cache_ref",
     "rotary",

@@ -16,6 +16,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-gpu-blocks", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--quantization", default=None, choices=["none", "fp8"],
+                   help="fp8: decoder weights in float8_e4m3fn, activations quantized per token (Hopper FP8 "
+                        "tensor cores; on the CPU only a check of the numbers)")
     p.add_argument("--no-prefix-caching", action="store_true")
 
 
@@ -36,7 +39,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     llm = LLM(
         args.model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
-        kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        enable_prefix_caching=not args.no_prefix_caching,
     )
     try:
         if args.chat:

@@ -28,6 +28,7 @@ class EngineConfig:
     num_cpu_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None  # "fp8": FP8 decoder weights (gpu_worker/layers/linear.py)
     attention_backend: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -48,7 +49,7 @@ class EngineConfig:
 # (the worker's largest CUDA-graph decode batch); max_num_batched_tokens only to the scheduler.
 _WORKER_OPTIONS = (
     "device", "dtype", "block_size", "num_gpu_blocks", "num_cpu_blocks", "gpu_memory_utilization",
-    "kv_cache_dtype", "attention_backend", "max_model_len", "seed", "max_num_seqs",
+    "kv_cache_dtype", "quantization", "attention_backend", "max_model_len", "seed", "max_num_seqs",
     "max_num_batched_tokens",  # the worker profiles a step of this size before sizing the KV cache
 )
 _SCHEDULER_OPTIONS = (

@@ -359,3 +359,22 @@ def test_prefill_kernel_choice_is_checked():
     ref = kernels.paged_prefill_attention_ref(q, k, v, bt, sl, qsl, 5, 0.1, out_dtype=torch.float64)
     out = kernels.paged_prefill_attention(q, k, v, bt, sl, qsl, 5, 0.1, kernel="auto")  # the Triton kernel here
     assert _rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------------ FP8 activations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_fp8_rowwise_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(21)
+    x = (torch.randn((6, 300), generator=gen) * torch.logspace(-3, 3, 6)[:, None]).to(dtype)
+    x[2] = 0.0  # a zero row: a tiny scale, zeros out
+    q, s = kernels.quantize_fp8_rowwise(x)
+    q_ref, s_ref = kernels.quantize_fp8_rowwise_ref(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6, 1)
+    assert torch.equal(s, s_ref)
+    assert (q.float() - q_ref.float()).abs().max() <= 0.0625 * q_ref.float().abs().max()  # at most an ulp
+    assert (q.float() == q_ref.float()).float().mean() > 0.99
+    back = q.double() * s.double()
+    assert ((back - x.double()).norm() / x.double().norm()).item() < 0.05  # e4m3: 3 mantissa bits
+    assert q[2].float().abs().max() == 0

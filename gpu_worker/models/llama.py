@@ -170,6 +170,14 @@ class LlamaForCausalLM(nn.Module):
         self._lm_head_packed = prepack_cpu_weight(self.lm_head_weight)
         return all(packed) and self._lm_head_packed is not None
 
+    def quantize_fp8(self) -> int:
+        """FP8 weights for every linear layer of the decoder (layers/linear.py); the embedding and the LM head
+        stay in the model dtype, as in vLLM's FP8. Returns how many layers were quantized."""
+        linears = [m for m in self.model.layers.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.quantize_fp8()
+        return len(linears)
+
     def set_kv_scales(self, k_scales: list[float], v_scales: list[float]) -> None:
         for layer, ks, vs in zip(self.model.layers, k_scales, v_scales):
             layer.self_attn.k_scale = float(ks)
