@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float,
                    default=float(env("PAGEDFLEET_GPU_MEMORY_UTILIZATION", "0.9")))
     p.add_argument("--kv-cache-dtype", default=None)
-    p.add_argument("--quantization", default=env("PAGEDFLEET_QUANTIZATION"), choices=[None, "none", "fp8"],
+    p.add_argument("--quantization", default=env("PAGEDFLEET_QUANTIZATION") or None, choices=[None, "none", "fp8"],
                    help="fp8: decoder weights in float8_e4m3fn, activations quantized per token")
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--max-model-len", type=int, default=None)
