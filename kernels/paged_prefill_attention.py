@@ -219,6 +219,16 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
     return 256, 64, 8, 3
 
 
+def prepare_prefill_call(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out):
+    """`prepare_attention_call` plus the prefill's own arguments checked and made int32 contiguous (shared by
+    the Triton and the Gluon kernel): (q, block_tables, out, block_size, num_kv_heads, head_dim, seq_lens,
+    query_start_loc)."""
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
+        raise ValueError("query_start_loc must have num_seqs + 1 entries")
+    prepared = prepare_attention_call(q, k_cache, v_cache, block_tables, out, "num_tokens")
+    return (*prepared, seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous())
+
+
 def _use_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """The Gluon kernel serves the Hopper calls it supports unless PAGEDFLEET_SM90_PREFILL=0."""
     if os.environ.get("PAGEDFLEET_SM90_PREFILL", "1") == "0" or q.device.type != "cuda":
@@ -260,8 +270,6 @@ def paged_prefill_attention(
     del max_query_len
     if kernel not in ("auto", "triton", "sm90"):
         raise ValueError(f"unknown prefill kernel {kernel!r}")
-    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
-        raise ValueError("query_start_loc must have num_seqs + 1 entries")
     tile_config = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     # a tile configuration given with "auto" is one of this kernel's (the Gluon kernel has its own knobs)
     auto_sm90 = kernel == "auto" and all(v is None for v in tile_config.values()) and _use_sm90(q, k_cache, v_cache)
@@ -271,12 +279,10 @@ def paged_prefill_attention(
         cfg = {k: v for k, v in dict(block_n=block_n, num_stages=num_stages).items() if v is not None}
         return paged_prefill_attention_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                             out=out, **cfg)
-    q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
-        q, k_cache, v_cache, block_tables, out, "num_tokens")
+    q, block_tables, out, block_size, num_kv_heads, head_dim, seq_lens, query_start_loc = prepare_prefill_call(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     num_tokens, num_q_heads, _ = q.shape
     num_seqs = seq_lens.shape[0]
-    seq_lens = seq_lens.to(torch.int32).contiguous()
-    query_start_loc = query_start_loc.to(torch.int32).contiguous()
     if num_tokens == 0 or num_seqs == 0:
         return out
 

@@ -39,8 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._common import LOG2E, launch_kernel, prepare_attention_call
-from .paged_prefill_attention import find_query_block
+from ._common import LOG2E, launch_kernel
+from .paged_prefill_attention import find_query_block, prepare_prefill_call
 
 ROWS_PER_WARPGROUP = 64
 _SMEM_BYTES = 200 * 1024  # of the 227 KB a Hopper block may use: room for barriers and the epilogue's scratch
@@ -312,12 +312,10 @@ def paged_prefill_attention_sm90(
     if num_stages < 2 or block_n not in (32, 64, 128) or smem > _SMEM_BYTES:
         raise ValueError(f"block_n {block_n} with {num_stages} stages: need 2+ stages, block_n 32/64/128 and "
                          f"Q + K/V ring within {_SMEM_BYTES} bytes of shared memory ({smem} asked)")
-    q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
-        q, k_cache, v_cache, block_tables, out, "num_tokens")
+    q, block_tables, out, block_size, num_kv_heads, head_dim, seq_lens, query_start_loc = prepare_prefill_call(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     num_tokens, num_q_heads, _ = q.shape
     num_seqs = seq_lens.shape[0]
-    seq_lens = seq_lens.to(torch.int32).contiguous()
-    query_start_loc = query_start_loc.to(torch.int32).contiguous()
     if num_tokens == 0 or num_seqs == 0:
         return out
     qpk = num_q_heads // num_kv_heads

@@ -1,6 +1,6 @@
-"""The fused Triton elementwise kernels (kernels/fused_elementwise.py) for CUDA tensors.
+"""The Triton kernels the layers call on CUDA tensors (kernels/fused_elementwise.py, kernels/quantize_fp8.py).
 
-``fused(x)`` returns the kernels module when x is on a CUDA device, Triton imports and the environment
+``fused(x)`` returns the `kernels` package when x is on a CUDA device, Triton imports and the environment
 does not say PAGEDFLEET_FUSED_KERNELS=0; else None and the layers use their torch compositions (always the
 case on the CPU, so CPU results do not change).
 """
@@ -16,9 +16,9 @@ def _load():
     try:
         if os.environ.get("PAGEDFLEET_FUSED_KERNELS", "1") == "0":
             raise ImportError("disabled by PAGEDFLEET_FUSED_KERNELS=0")
-        from kernels import fused_elementwise
+        import kernels
 
-        _ops = fused_elementwise
+        _ops = kernels
     except Exception:
         _ops = False
     return _ops
