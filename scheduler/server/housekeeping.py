@@ -166,7 +166,8 @@ def _deliveries(r, stream: str, group: str, entry_id: str) -> int:
 
 
 def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: float = S.RECLAIM_IDLE_S,
-                        max_deliveries: int = S.MAX_DELIVERIES) -> dict[str, int]:
+                        max_deliveries: int = S.MAX_DELIVERIES, output_ttl_s: float = S.OUTPUT_TTL_S,
+                        job_ttl_s: float = S.JOB_TTL_S) -> dict[str, int]:
     counts = {"requeued": 0, "dead_lettered": 0, "dropped": 0}
     start = "0-0"
     while True:
@@ -196,7 +197,7 @@ def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: flo
                     dead_letter(r, stream, group, entry_id, fields, total, reason)
                     if cmd.op == "add":
                         fail_request(r, cmd.request_id, reason, cmd.job_id,
-                                     cmd.request.sampling.n if cmd.request else 1)
+                                     cmd.request.sampling.n if cmd.request else 1, output_ttl_s, job_ttl_s)
                     counts["dead_lettered"] += 1
                 else:
                     again = cmd.model_copy(update={"deliveries": total})
@@ -222,9 +223,11 @@ def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: flo
 
 
 def reclaim_pending_once(r: redis.Redis, min_idle_s: float = S.RECLAIM_IDLE_S,
-                         max_deliveries: int = S.MAX_DELIVERIES) -> dict[str, dict[str, int]]:
+                         max_deliveries: int = S.MAX_DELIVERIES, output_ttl_s: float = S.OUTPUT_TTL_S,
+                         job_ttl_s: float = S.JOB_TTL_S) -> dict[str, dict[str, int]]:
     out = {
-        S.REQUESTS: reclaim_stream_once(r, S.REQUESTS, S.SCHEDULER_GROUP, min_idle_s, max_deliveries),
+        S.REQUESTS: reclaim_stream_once(r, S.REQUESTS, S.SCHEDULER_GROUP, min_idle_s, max_deliveries,
+                                        output_ttl_s, job_ttl_s),
         S.RESULTS: reclaim_stream_once(r, S.RESULTS, S.SCHEDULER_GROUP, min_idle_s, max_deliveries),
     }
     for stream in _plan_streams(r):
@@ -253,6 +256,7 @@ def _register_tasks(app: Celery, settings: SchedulerSettings) -> None:
     @app.task(name="pagedfleet.reclaim_pending")
     def reclaim_pending() -> dict:
         with connect() as r:
-            out = reclaim_pending_once(r, settings.reclaim_idle_s, settings.max_deliveries)
+            out = reclaim_pending_once(r, settings.reclaim_idle_s, settings.max_deliveries, settings.output_ttl_s,
+                                       settings.job_ttl_s)
             r.hset(STATS, "last_reclaim_at", repr(time.time()))
             return out
