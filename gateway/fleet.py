@@ -18,6 +18,8 @@ import redis.asyncio as aioredis
 
 from protocol import GenerationRequest, RequestOutputDelta
 from protocol import streams as S
+from protocol.job_store import set_job_status
+from protocol.jobs import JobMeta, JobStatus
 
 log = logging.getLogger("pagedfleet.gateway")
 
@@ -143,11 +145,11 @@ class FleetClient:
                         return
 
     # ---- jobs -----------------------------------------------------------------------------------
-    async def create_job(self, meta: S.JobMeta) -> None:
+    async def create_job(self, meta: JobMeta) -> None:
         key = S.job_key(meta.job_id)
         now = repr(time.time())
         async with self.redis.pipeline(transaction=True) as p:
-            p.hset(key, mapping={"meta": meta.model_dump_json(), "status": S.JobStatus.QUEUED.value,
+            p.hset(key, mapping={"meta": meta.model_dump_json(), "status": JobStatus.QUEUED.value,
                                  "updated_at": now})
             # a backstop: housekeeping deletes finished jobs after their TTL; this catches leaks
             p.expire(key, meta.ttl_s * 2 + 3600)
@@ -157,8 +159,8 @@ class FleetClient:
         raw = await self.redis.hgetall(S.job_key(job_id))
         return raw or None
 
-    async def set_job_status(self, job_id: str, status: S.JobStatus, error: str | None = None) -> bool:
-        return bool(await S.set_job_status(self.redis, job_id, status, error))
+    async def set_job_status(self, job_id: str, status: JobStatus, error: str | None = None) -> bool:
+        return bool(await set_job_status(self.redis, job_id, status, error))
 
     async def store_job_result(self, job_id: str, result: dict, ttl_s: int) -> None:
         key = S.job_key(job_id)

@@ -45,6 +45,7 @@ from gateway.generation import (
 )
 from protocol import SamplingParams
 from protocol import streams as S
+from protocol.jobs import TERMINAL_JOB_STATUSES, JobMeta, JobStatus, final_job_status
 
 log = logging.getLogger("pagedfleet.gateway")
 
@@ -409,7 +410,7 @@ async def health(fleet: FleetClient = Depends(get_fleet)):
 
 
 def _job_view(raw: dict, result: dict | None = None) -> JobView:
-    meta = S.JobMeta.model_validate_json(raw["meta"])
+    meta = JobMeta.model_validate_json(raw["meta"])
     res = result if result is not None else (json.loads(raw["result"]) if raw.get("result") else None)
     return JobView(
         id=meta.job_id, kind=meta.kind, model=meta.model, status=raw.get("status", "queued"),
@@ -419,7 +420,7 @@ def _job_view(raw: dict, result: dict | None = None) -> JobView:
     )
 
 
-def _job_result(meta: S.JobMeta, tracker: OutputTracker, tt: TokenText) -> dict:
+def _job_result(meta: JobMeta, tracker: OutputTracker, tt: TokenText) -> dict:
     created = int(meta.created_at)
     if meta.kind == "chat":
         resp = chat_response(meta.job_id, meta.model, tracker, tt, meta.want_logprobs, created)
@@ -428,15 +429,11 @@ def _job_result(meta: S.JobMeta, tracker: OutputTracker, tt: TokenText) -> dict:
     return resp.model_dump()
 
 
-def _job_final_status(tracker: OutputTracker) -> tuple[S.JobStatus, str | None]:
-    if tracker.error:
-        return S.JobStatus.FAILED, tracker.error
-    if all(s.finish_reason == "abort" for s in tracker.seqs):
-        return S.JobStatus.CANCELLED, None
-    return S.JobStatus.COMPLETED, None
+def _job_final_status(tracker: OutputTracker) -> tuple[JobStatus, str | None]:
+    return final_job_status(tracker.error, [s.finish_reason for s in tracker.seqs]), tracker.error or None
 
 
-async def run_job(fleet: FleetClient, meta: S.JobMeta, tt: TokenText) -> None:
+async def run_job(fleet: FleetClient, meta: JobMeta, tt: TokenText) -> None:
     """Follow a job in the gateway that accepted it: stop strings abort it, the result is stored.
     If this gateway goes away, GET /v1/jobs/{id} assembles the result from the output stream instead."""
     tracker = OutputTracker(fleet.model.tokenizer, meta.request_id, meta.prompt_token_ids, meta.sampling,
@@ -459,7 +456,7 @@ async def run_job(fleet: FleetClient, meta: S.JobMeta, tt: TokenText) -> None:
 
 
 async def assemble_job(fleet: FleetClient, raw: dict, tt: TokenText) -> dict | None:
-    meta = S.JobMeta.model_validate_json(raw["meta"])
+    meta = JobMeta.model_validate_json(raw["meta"])
     tracker = OutputTracker(fleet.model.tokenizer, meta.request_id, meta.prompt_token_ids, meta.sampling,
                             meta.include_stop_str_in_output)
     seen = False
@@ -506,7 +503,7 @@ async def create_job(request: Request, fleet: FleetClient = Depends(get_fleet)):
         prep = await prepare_completion(fleet, parsed, job_id)
         want_lp = parsed.logprobs is not None
     ttl = fleet.settings.job_ttl_s
-    meta = S.JobMeta(job_id=job_id, kind=kind, model=prep.model, body=body, request_id=job_id,
+    meta = JobMeta(job_id=job_id, kind=kind, model=prep.model, body=body, request_id=job_id,
                      prompt_token_ids=prep.prompts[0], sampling=prep.params,
                      include_stop_str_in_output=parsed.include_stop_str_in_output, want_logprobs=want_lp,
                      created_at=time.time(), ttl_s=ttl)
@@ -523,7 +520,7 @@ async def get_job(job_id: str, fleet: FleetClient = Depends(get_fleet), tt: Toke
     if raw is None or "meta" not in raw:
         raise BadRequest(f"job {job_id!r} does not exist (or expired)", "job_id", 404, "job_not_found")
     result = None
-    if not raw.get("result") and raw.get("status") in S.TERMINAL_JOB_STATUSES:
+    if not raw.get("result") and raw.get("status") in TERMINAL_JOB_STATUSES:
         result = await assemble_job(fleet, raw, tt)
     return _job_view(raw, result)
 
@@ -533,9 +530,9 @@ async def cancel_job(job_id: str, fleet: FleetClient = Depends(get_fleet)):
     raw = await fleet.get_job(job_id)
     if raw is None or "meta" not in raw:
         raise BadRequest(f"job {job_id!r} does not exist (or expired)", "job_id", 404, "job_not_found")
-    if raw.get("status") in S.TERMINAL_JOB_STATUSES:
+    if raw.get("status") in TERMINAL_JOB_STATUSES:
         raise BadRequest(f"job {job_id!r} is already {raw['status']}", "job_id", 409, "job_finished")
-    meta = S.JobMeta.model_validate_json(raw["meta"])
-    await fleet.set_job_status(job_id, S.JobStatus.CANCELLED)
+    meta = JobMeta.model_validate_json(raw["meta"])
+    await fleet.set_job_status(job_id, JobStatus.CANCELLED)
     await fleet.abort(meta.request_id, "cancelled by the user")
     return _job_view(await fleet.get_job(job_id))

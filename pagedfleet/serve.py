@@ -125,7 +125,7 @@ def build_processes(args: argparse.Namespace, model_dir: str | None, served_name
     procs["gateway"] = gw
     env["PAGEDFLEET_SCHEDULER_URL"] = f"http://127.0.0.1:{args.scheduler_port}"
     if not args.no_housekeeping:
-        procs["housekeeping"] = (f"{py} -m celery -A scheduler.housekeeping worker -B --pool solo --concurrency 1"
+        procs["housekeeping"] = (f"{py} -m celery -A scheduler.server.housekeeping worker -B --pool solo --concurrency 1"
                                  f" -Q pagedfleet-housekeeping --loglevel WARNING --without-gossip --without-mingle")
     return procs, env
 

@@ -1,7 +1,10 @@
 """Redis Streams of the fleet: key names, the envelopes that travel on them, and the JSON codec.
 
-Every stream entry has exactly one field, ``m``, holding the JSON of one versioned pydantic model
-(``protocol.messages`` or the envelopes below). Nothing is pickled.
+Every stream entry holds the JSON of one versioned message (a pydantic model or a msgspec Struct of
+``protocol.messages``, or an envelope below) in the field ``m`` and its protocol version in ``v``. Nothing
+is pickled. The Redis operations on these keys live with the services that run them
+(``scheduler/server/``, ``gpu_worker/service.py``, ``gateway/fleet.py``; the job-status transition that
+all of them run is ``protocol/job_store.py``).
 
 Streams and keys (``PREFIX`` = ``pf:`` unless PAGEDFLEET_REDIS_PREFIX overrides it):
 
@@ -18,20 +21,21 @@ key                        entries / value                                      
 ``pf:job:{job_id}``        hash: ``meta`` (JobMeta), ``status``, ``result``, ``error`` gateways, scheduler
 ``pf:jobs:finished``       zset job_id -> finish time (for TTL expiry)                 housekeeping
 ``pf:active``              hash request_id -> ``ActiveRequest`` (recovery)             scheduler
+``pf:housekeeping:stats`` hash ``reclaimed:{stream}:{group}``, ``dead:{stream}`` totals scheduler (metrics)
 =========================  ==========================================================  ===================
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from enum import Enum
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.messages import PROTOCOL_VERSION, GenerationRequest, WorkerInfo
-from protocol.sampling import SamplingParams
 
 PREFIX = os.environ.get("PAGEDFLEET_REDIS_PREFIX", "pf:")
 
@@ -42,6 +46,7 @@ WORKERS = PREFIX + "workers"
 ACTIVE = PREFIX + "active"
 JOBS_FINISHED = PREFIX + "jobs:finished"
 SCHEDULER_INFO = PREFIX + "scheduler"
+HOUSEKEEPING_STATS = PREFIX + "housekeeping:stats"  # hash of totals Celery housekeeping keeps
 
 SCHEDULER_GROUP = "scheduler"
 WORKER_GROUP = "worker"
@@ -53,6 +58,12 @@ REQUESTS_MAXLEN = 10_000
 RESULTS_MAXLEN = 10_000
 PLAN_MAXLEN = 1_000
 DEAD_MAXLEN = 10_000
+
+# Lifetimes and delivery bounds every service shares (the settings models take their defaults from here).
+OUTPUT_TTL_S = 600  # a finished request's output stream is kept this long
+JOB_TTL_S = 24 * 3600  # a finished job (its hash, result and output stream) is kept this long
+MAX_DELIVERIES = 5  # a request entry delivered more often (its consumer kept dying on it) is dead-lettered
+RECLAIM_IDLE_S = 60.0  # an entry pending this long on one consumer is reclaimed (that consumer died)
 
 
 def plan_stream(worker_id: str) -> str:
@@ -124,137 +135,49 @@ class DeadLetter(_Msg):
     at: float = Field(default_factory=time.time)
 
 
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    PREEMPTED = "preempted"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-TERMINAL_JOB_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
-
-
-class JobMeta(_Msg):
-    """The immutable part of a job, written once by the gateway that accepted it."""
-
-    version: int = PROTOCOL_VERSION
-    job_id: str
-    kind: Literal["completion", "chat"]
-    model: str
-    body: dict[str, Any] = Field(description="the completion or chat request body as accepted")
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    include_stop_str_in_output: bool = False
-    want_logprobs: bool = False
-    created_at: float
-    ttl_s: int
-
-
 # ----------------------------------------------------------------------------------------------
 # codec
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=BaseModel | msgspec.Struct)
+
+_STRUCT_ENCODER = msgspec.json.Encoder()
 
 
-def encode(msg: BaseModel) -> dict[str, str]:
-    """Fields of a stream entry for one message.
+@functools.cache
+def _struct_decoder(model: type[msgspec.Struct]) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(model)
 
-    Default values are left out of the body (a decode step's plan is mostly empty lists and False),
-    so the version goes in its own field and is checked on decode.
+
+def encode(msg: BaseModel | msgspec.Struct) -> dict[str, str]:
+    """Fields of a stream entry for one message (a pydantic model or a msgspec Struct).
+
+    Default values are left out of the body (a decode step's plan is mostly empty lists and False; a
+    Struct does so when its class sets ``omit_defaults``), so the version goes in its own field and is
+    checked on decode.
     """
-    return {FIELD: msg.model_dump_json(exclude_defaults=True),
-            VERSION_FIELD: str(getattr(msg, "version", PROTOCOL_VERSION))}
+    if isinstance(msg, msgspec.Struct):
+        body = _STRUCT_ENCODER.encode(msg).decode()
+    else:
+        body = msg.model_dump_json(exclude_defaults=True)
+    return {FIELD: body, VERSION_FIELD: str(getattr(msg, "version", PROTOCOL_VERSION))}
 
 
 def decode(fields: dict, model: type[M]) -> M:
-    """The message of one stream entry (raises pydantic.ValidationError / KeyError on bad entries)."""
+    """The message of one stream entry (raises pydantic.ValidationError or msgspec.ValidationError, or
+    KeyError, on bad entries)."""
     raw = fields.get(FIELD) if FIELD in fields else fields.get(FIELD.encode())
     if raw is None:
         raise KeyError(f"stream entry has no {FIELD!r} field")
-    if isinstance(raw, bytes):
-        raw = raw.decode()
     version = fields.get(VERSION_FIELD, fields.get(VERSION_FIELD.encode()))
     if version is not None and int(version) != PROTOCOL_VERSION:
         raise ValueError(f"protocol version {int(version)} is not ours ({PROTOCOL_VERSION})")
+    if issubclass(model, msgspec.Struct):
+        return _struct_decoder(model).decode(raw)
+    if isinstance(raw, bytes):
+        raw = raw.decode()
     return model.model_validate_json(raw)
 
 
 def raw_payload(fields: dict) -> str:
     raw = fields.get(FIELD) if FIELD in fields else fields.get(FIELD.encode(), b"")
     return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-
-
-# ----------------------------------------------------------------------------------------------
-# Lua: job status changes that never leave a terminal state
-
-SET_JOB_STATUS_LUA = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return 0 end
-if cur == 'completed' or cur == 'failed' or cur == 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
-if ARGV[1] == 'completed' or ARGV[1] == 'failed' or ARGV[1] == 'cancelled' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
-end
-return 1
-"""
-
-
-def set_job_status(r, job_id: str, status: JobStatus | str, error: str | None = None):
-    """Set a job's status unless it is already terminal (sync or asyncio redis client: returns its reply)."""
-    status = JobStatus(status).value
-    return r.eval(SET_JOB_STATUS_LUA, 2, job_key(job_id), JOBS_FINISHED, status, repr(time.time()), error or "", job_id)
-
-
-# ----------------------------------------------------------------------------------------------
-# bounded streams without dropping unacknowledged entries
-
-
-def _id_tuple(entry_id) -> tuple[int, int]:
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    ms, _, seq = str(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-def safe_trim_minid(r, stream: str, maxlen: int) -> str | None:
-    """Trim ``stream`` (sync client) to about ``maxlen`` entries, never past an entry that some consumer
-    group has not yet been delivered or has not acknowledged. Returns the MINID used, or None."""
-    try:
-        length = r.xlen(stream)
-    except Exception:
-        return None
-    if length <= maxlen:
-        return None
-    # the id of the entry that keeps the newest `maxlen` entries
-    tail = r.xrevrange(stream, "+", "-", count=maxlen)
-    if not tail:
-        return None
-    floor = _id_tuple(tail[-1][0])
-    try:
-        groups = r.xinfo_groups(stream)
-    except Exception:
-        groups = []
-    for g in groups:
-        name = g["name"]
-        last = g.get("last-delivered-id")
-        if last is not None:
-            # entries after last-delivered are unread: keep them (their id > last)
-            lt = _id_tuple(last)
-            nxt = (lt[0], lt[1] + 1)
-            floor = min(floor, nxt)
-        if int(g.get("pending", 0)):
-            summary = r.xpending(stream, name)
-            if summary and summary.get("min"):
-                floor = min(floor, _id_tuple(summary["min"]))
-    minid = f"{floor[0]}-{floor[1]}"
-    r.xtrim(stream, minid=minid, approximate=False)
-    return minid

@@ -1055,3 +1055,17 @@ class Scheduler:
                 assert self.kv.get_table(p.seq_id) is None and not p.registered
                 assert g.live and g.live[0].compute_limit is not None
         assert self._num_running_seqs == sum(g.max_num_seqs for g in self.running)
+
+    # ==================================================================================================
+    # BEGIN service queries (helper B's minimal versions so its branch runs; helper A's facade replaces
+    # this block at the merge)
+    @property
+    def num_free_blocks(self) -> int:
+        """GPU blocks a new request can take: free ones, cached-but-evictable included."""
+        return self.kv.gpu.num_free_blocks
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens the prefix cache already holds (no side effects)."""
+        probe = Sequence(-1, "", token_ids, len(token_ids))
+        return len(self.kv.find_cached_prefix(probe)) * self.block_size
+    # END service queries

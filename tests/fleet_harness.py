@@ -118,7 +118,7 @@ class Fleet:
                 self.start_worker(i)
             self.start_gateway()
             if housekeeping:
-                self.start("housekeeping", [PY, "-m", "celery", "-A", "scheduler.housekeeping", "worker", "-B",
+                self.start("housekeeping", [PY, "-m", "celery", "-A", "scheduler.server.housekeeping", "worker", "-B",
                                             "--pool", "solo", "--concurrency", "1", "-Q", "pagedfleet-housekeeping",
                                             "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
             self.wait_ready(num_workers)

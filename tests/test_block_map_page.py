@@ -67,7 +67,7 @@ def cpu_states(bm: dict) -> list[str]:
 @pytest.fixture
 def served_scheduler():
     from gateway.block_map import make_block_map_router
-    from scheduler.metrics import build_block_map, make_scheduler_http_router
+    from scheduler.server.metrics_http import build_block_map, make_scheduler_http_router
     from scheduler.scheduler import Scheduler, SchedulerConfig
 
     info = WorkerInfo(worker_id="w0", model="test-model", block_size=4, num_gpu_blocks=NUM_GPU_BLOCKS,

@@ -10,6 +10,9 @@ from pydantic import ValidationError
 from fleet_harness import RedisServer
 from protocol import GenerationRequest, RequestOutputDelta, SamplingParams, StepPlan
 from protocol import streams as S
+from protocol.job_store import set_job_status
+from protocol.jobs import JobMeta
+from scheduler.server.stream_trim import safe_trim_minid
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +50,18 @@ def test_safe_trim_keeps_unread_and_unacknowledged(r):
     got = r.xreadgroup("g", "c", {"s": ">"}, count=30)[0][1]
     assert len(got) == 30
     r.xack("s", "g", *[e for e, _ in got[:20]])  # 20..29 pending, 30..49 unread
-    S.safe_trim_minid(r, "s", maxlen=5)
+    safe_trim_minid(r, "s", maxlen=5)
     left = [e for e, _ in r.xrange("s")]
     assert left == ids[20:]
     r.xack("s", "g", *[e for e, _ in got[20:]])
     rest = r.xreadgroup("g", "c", {"s": ">"})[0][1]
     r.xack("s", "g", *[e for e, _ in rest])
-    S.safe_trim_minid(r, "s", maxlen=5)
+    safe_trim_minid(r, "s", maxlen=5)
     assert [e for e, _ in r.xrange("s")] == ids[45:]
 
 
 def _job(r, job_id, finished_at=None, ttl=60):
-    meta = S.JobMeta(job_id=job_id, kind="completion", model="m", body={"prompt": "x"}, request_id=job_id,
+    meta = JobMeta(job_id=job_id, kind="completion", model="m", body={"prompt": "x"}, request_id=job_id,
                      prompt_token_ids=[1], sampling=SamplingParams(), created_at=time.time(), ttl_s=ttl)
     r.hset(S.job_key(job_id), mapping={"meta": meta.model_dump_json(), "status": "queued"})
     r.xadd(S.output_stream(job_id), {"m": "{}"})
@@ -69,17 +72,17 @@ def _job(r, job_id, finished_at=None, ttl=60):
 
 def test_job_status_never_leaves_a_terminal_state(r):
     _job(r, "j1")
-    assert S.set_job_status(r, "j1", "running") == 1
-    assert S.set_job_status(r, "j1", "cancelled") == 1
-    assert S.set_job_status(r, "j1", "completed") == 0
+    assert set_job_status(r, "j1", "running") == 1
+    assert set_job_status(r, "j1", "cancelled") == 1
+    assert set_job_status(r, "j1", "completed") == 0
     assert r.hget(S.job_key("j1"), "status") == "cancelled"
     assert r.zscore(S.JOBS_FINISHED, "j1") is not None
-    assert S.set_job_status(r, "missing", "running") == 0
+    assert set_job_status(r, "missing", "running") == 0
     assert not r.exists(S.job_key("missing"))
 
 
 def test_expire_jobs(r):
-    from scheduler.housekeeping import expire_jobs_once
+    from scheduler.server.housekeeping import expire_jobs_once
 
     now = time.time()
     _job(r, "old", finished_at=now - 120, ttl=60)
@@ -91,7 +94,7 @@ def test_expire_jobs(r):
 
 
 def test_reclaim_requeues_then_dead_letters_and_fails_the_request(r):
-    from scheduler.housekeeping import reclaim_pending_once
+    from scheduler.server.housekeeping import reclaim_pending_once
 
     r.xgroup_create(S.REQUESTS, S.SCHEDULER_GROUP, id="0", mkstream=True)
     _job(r, "job-1")
@@ -121,7 +124,7 @@ def test_reclaim_requeues_then_dead_letters_and_fails_the_request(r):
 
 
 def test_reclaim_drops_stale_results_of_a_dead_consumer(r):
-    from scheduler.housekeeping import reclaim_pending_once
+    from scheduler.server.housekeeping import reclaim_pending_once
 
     r.xgroup_create(S.RESULTS, S.SCHEDULER_GROUP, id="0", mkstream=True)
     r.xadd(S.RESULTS, {"m": "{}"})
@@ -131,7 +134,7 @@ def test_reclaim_drops_stale_results_of_a_dead_consumer(r):
 
 
 def test_trim_streams_task(r):
-    from scheduler.housekeeping import trim_streams_once
+    from scheduler.server.housekeeping import trim_streams_once
 
     r.xgroup_create(S.RESULTS, S.SCHEDULER_GROUP, id="$", mkstream=True)
     for i in range(S.RESULTS_MAXLEN + 50):
@@ -145,7 +148,7 @@ def test_trim_streams_task(r):
 
 
 def test_celery_is_json_only_and_beat_does_not_pickle():
-    from scheduler.housekeeping import app
+    from scheduler.server.housekeeping import app
 
     c = app.conf
     assert c.task_serializer == "json" and c.result_serializer == "json"
@@ -165,7 +168,7 @@ def test_celery_worker_runs_the_tasks(redis_server, tmp_path):
     r.flushall()
     env = {**__import__("os").environ, "REDIS_URL": redis_server.url, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "celery.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "scheduler.housekeeping", "worker", "--pool", "solo",
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "scheduler.server.housekeeping", "worker", "--pool", "solo",
                              "-Q", "pagedfleet-housekeeping", "--without-gossip", "--without-mingle", "--loglevel",
                              "INFO"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -7,7 +7,9 @@ import pytest
 from protocol import GenerationRequest, SamplingParams, WorkerInfo
 from protocol import streams as S
 from scheduler.scheduler import Scheduler, SchedulerConfig
-from scheduler.service import ReqState, SchedulerService, WorkerHandle, build_parser
+from scheduler.server.config import SchedulerSettings
+from scheduler.server.state import ReqState, WorkerHandle
+from scheduler.service import SchedulerService
 
 
 def _handle(wid: str, blocks: int = 64, max_len: int = 2048) -> WorkerHandle:
@@ -18,7 +20,7 @@ def _handle(wid: str, blocks: int = 64, max_len: int = 2048) -> WorkerHandle:
 
 
 def _svc(*handles: WorkerHandle) -> SchedulerService:
-    svc = SchedulerService(build_parser().parse_args([]))
+    svc = SchedulerService(SchedulerSettings())
     for h in handles:
         svc.workers[h.wid] = h
     return svc
@@ -43,10 +45,10 @@ def _fill_prefix_cache(h: WorkerHandle, prompt: list[int]) -> None:
 def test_fits_first_then_shortest_queue():
     small, big = _handle("small", blocks=4), _handle("big", blocks=64)
     svc = _svc(small, big)
-    assert [h.wid for h in svc.rank_workers(_req("a", list(range(3, 103))))] == ["big", "small"]  # 7 blocks
+    assert [h.wid for h in svc.placement.rank_workers(_req("a", list(range(3, 103))))] == ["big", "small"]  # 7 blocks
     for i in range(2):
         big.sched.add_request(GenerationRequest(request_id=f"q{i}", prompt_token_ids=[5, 6, 7]))
-    assert [h.wid for h in svc.rank_workers(_req("b", [5, 6, 7]))] == ["small", "big"]
+    assert [h.wid for h in svc.placement.rank_workers(_req("b", [5, 6, 7]))] == ["small", "big"]
 
 
 def test_prefix_hit_wins_unless_its_queue_is_much_longer():
@@ -54,16 +56,16 @@ def test_prefix_hit_wins_unless_its_queue_is_much_longer():
     svc = _svc(a, b)
     prompt = list(range(10, 10 + 80))
     _fill_prefix_cache(b, prompt)
-    assert svc.rank_workers(_req("p", prompt + [1, 2]))[0].wid == "b"
-    for i in range(svc.args.max_queue_imbalance + 1):
+    assert svc.placement.rank_workers(_req("p", prompt + [1, 2]))[0].wid == "b"
+    for i in range(svc.settings.max_queue_imbalance + 1):
         b.sched.add_request(GenerationRequest(request_id=f"q{i}", prompt_token_ids=[5, 6, 7]))
-    assert svc.rank_workers(_req("p", prompt + [1, 2]))[0].wid == "a"
+    assert svc.placement.rank_workers(_req("p", prompt + [1, 2]))[0].wid == "a"
 
 
 def test_too_long_for_a_worker_context():
     short, long_ = _handle("short", max_len=64), _handle("long", max_len=2048)
     svc = _svc(short, long_)
-    assert [h.wid for h in svc.rank_workers(_req("a", list(range(3, 103))))] == ["long"]
+    assert [h.wid for h in svc.placement.rank_workers(_req("a", list(range(3, 103))))] == ["long"]
 
 
 def _drive(sched):

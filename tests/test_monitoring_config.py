@@ -46,7 +46,7 @@ def exported_series_names() -> set[str]:
     """Every series name our three metrics modules can export (counters with _total, histograms' parts)."""
     from gateway.metrics import GatewayMetrics
     from gpu_worker.metrics import WorkerMetrics
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.server.metrics import SchedulerMetrics
 
     reg = CollectorRegistry()
     SchedulerMetrics(reg)

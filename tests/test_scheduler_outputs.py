@@ -14,7 +14,9 @@ import redis.asyncio as aioredis
 from fleet_harness import RedisServer
 from protocol import GenerationRequest, RequestOutputDelta, SequenceOutputDelta, WorkerInfo
 from protocol import streams as S
-from scheduler.service import ReqState, SchedulerService, WorkerHandle, build_parser
+from scheduler.server.config import SchedulerSettings
+from scheduler.server.state import ReqState, WorkerHandle
+from scheduler.service import SchedulerService
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ class _NoAbort:
 
 
 def _setup(url, delays, request_ids):
-    svc = SchedulerService(build_parser().parse_args([]))
+    svc = SchedulerService(SchedulerSettings())
     svc.r = _SlowWrites(aioredis.Redis.from_url(url, decode_responses=True), delays)
     info = WorkerInfo(worker_id="w1", model="m", num_gpu_blocks=8, max_model_len=64, vocab_size=100)
     h = WorkerHandle(S.WorkerRegistration(info=info, incarnation="i1"), _NoAbort())
@@ -78,12 +80,12 @@ async def _stream(svc, rid):
 def test_cancelled_worker_loop_loses_no_step(redis_server):
     async def run():
         svc, h, states = _setup(redis_server.url, [0.2, 0.0], ["a"])
-        await svc._apply_deltas(h, [_delta("a", [7])], None)  # step 1: its write is slow
-        step2 = asyncio.ensure_future(svc._apply_deltas(h, [_delta("a", [8], finished=True)], None))
+        await svc.publisher.apply_deltas(h, [_delta("a", [7])], None)  # step 1: its write is slow
+        step2 = asyncio.ensure_future(svc.publisher.apply_deltas(h, [_delta("a", [8], finished=True)], None))
         await asyncio.sleep(0.05)
         step2.cancel()  # the loop is stopped (worker declared dead, shutdown) while it waits for step 1
         await asyncio.gather(step2, return_exceptions=True)
-        await svc._flush_publishing(h)
+        await svc.publisher.flush(h)
         deltas = await _stream(svc, "a")
         assert [d.outputs[0].token_ids for d in deltas] == [[7], [8]]
         assert deltas[-1].finished and "a" not in svc.requests and not h.requests
@@ -96,8 +98,8 @@ def test_cancelled_worker_loop_loses_no_step(redis_server):
 def test_local_finish_waits_for_the_requests_pending_deltas(redis_server):
     async def run():
         svc, h, _ = _setup(redis_server.url, [0.2, 0.0], ["b"])
-        await svc._apply_deltas(h, [_delta("b", [7, 9])], None)  # still being written when the abort comes
-        await svc.abort("b", "client went away")
+        await svc.publisher.apply_deltas(h, [_delta("b", [7, 9])], None)  # still being written when the abort comes
+        await svc.intake.abort("b", "client went away")
         deltas = await _stream(svc, "b")
         assert [d.outputs[0].token_ids for d in deltas] == [[7, 9], []]
         assert [d.finished for d in deltas] == [False, True]
@@ -123,11 +125,11 @@ def test_a_failed_write_keeps_finished_requests_tracked_and_fails_the_next_step(
             return pipe
 
         svc.r.pipeline = failing_pipeline
-        await svc._apply_deltas(h, [_delta("c", [5], finished=True)], None)
+        await svc.publisher.apply_deltas(h, [_delta("c", [5], finished=True)], None)
         await asyncio.sleep(0.05)
         assert "c" in svc.requests and "c" in h.requests  # not forgotten: a resume can still finish it
         with pytest.raises(ConnectionError):
-            await svc._apply_deltas(h, [], "1-0")  # the worker's loop fails on its next step
+            await svc.publisher.apply_deltas(h, [], "1-0")  # the worker's loop fails on its next step
         await svc.r.aclose()
 
     asyncio.run(run())
@@ -136,8 +138,8 @@ def test_a_failed_write_keeps_finished_requests_tracked_and_fails_the_next_step(
 def test_abort_of_a_request_whose_final_delta_is_being_written_adds_nothing(redis_server):
     async def run():
         svc, h, _ = _setup(redis_server.url, [0.2, 0.0], ["d"])
-        await svc._apply_deltas(h, [_delta("d", [3], finished=True)], None)  # finished on the worker
-        await svc.abort("d", "client went away")  # arrives while that final delta is still being written
+        await svc.publisher.apply_deltas(h, [_delta("d", [3], finished=True)], None)  # finished on the worker
+        await svc.intake.abort("d", "client went away")  # arrives while that final delta is still being written
         deltas = await _stream(svc, "d")
         assert [(d.outputs[0].token_ids, d.finished) for d in deltas] == [([3], True)]
         assert "d" not in svc.requests

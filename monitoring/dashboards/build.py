@@ -3,7 +3,7 @@
     python monitoring/dashboards/build.py            # write monitoring/grafana/dashboards/*.json
     python monitoring/dashboards/build.py --check    # exit 1 if the committed JSON differs
 
-Every query names only metrics from scheduler/metrics.py, gpu_worker/metrics.py, gateway/metrics.py or
+Every query names only metrics from scheduler/server/metrics.py, gpu_worker/metrics.py, gateway/metrics.py or
 recording rules of monitoring/prometheus/rules/recording.yml (tests/test_monitoring_config.py checks).
 The datasource is the provisioned one (uid ``pagedfleet-prometheus``).
 """

@@ -1,27 +1,29 @@
 """Housekeeping with Celery (+ celery beat): broker and result backend are the fleet's Redis; JSON only.
 
-    celery -A scheduler.housekeeping worker -B --pool solo --concurrency 1 -Q pagedfleet-housekeeping
+    celery -A scheduler.server.housekeeping worker -B --pool solo --concurrency 1 -Q pagedfleet-housekeeping
 
 Periodic tasks (celery beat, in-memory schedule: no shelve file, no pickle):
 
 * ``expire_jobs``: delete finished jobs (and their output streams) older than their TTL.
 * ``trim_streams``: trim the requests / results / plan / dead-letter streams to about their bound,
   never past an entry a consumer group has not read or acknowledged (XTRIM MINID).
-* ``reclaim_pending``: entries a consumer left pending for longer than ``PAGEDFLEET_RECLAIM_IDLE_S``
+* ``reclaim_pending``: entries a consumer left pending for longer than ``reclaim_idle_s``
   (its consumer died) are claimed with XAUTOCLAIM. A request entry is put back on the stream (its
-  ``deliveries`` count carried along) unless it was delivered ``PAGEDFLEET_MAX_DELIVERIES`` times: then
+  ``deliveries`` count carried along) unless it was delivered ``max_deliveries`` times: then
   it goes to the dead-letter stream ``pf:dead`` and its request fails with a clear error (a final
   RequestOutputDelta with ``error`` on its output stream; its job, if any, becomes ``failed``). Result
   and plan entries of a dead consumer are stale (their requests are resumed by recompute): they are
   acknowledged and counted.
 
 The functions are plain functions of a sync Redis client too (``*_once(r, ...)``), for tests and tools.
+Settings are ``SchedulerSettings`` (environment ``PAGEDFLEET_*``), read when the Celery app is first
+asked for (``make_app``, or this module's ``app``), never at import.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import time
 
 import redis
@@ -29,60 +31,63 @@ from celery import Celery
 
 from protocol import FinishReason, RequestOutputDelta, SequenceOutputDelta
 from protocol import streams as S
+from protocol.jobs import JobMeta
+from scheduler.server.config import SchedulerSettings
+from scheduler.server.output_streams import queue_output_delta
+from scheduler.server.stream_trim import safe_trim_minid
 
 log = logging.getLogger("pagedfleet.housekeeping")
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = "pagedfleet-housekeeping"
-STATS = S.PREFIX + "housekeeping:stats"
+STATS = S.HOUSEKEEPING_STATS
 RECLAIMER = "housekeeper"
 
 
-def _float_env(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
+def make_app(settings: SchedulerSettings) -> Celery:
+    """The Celery app: broker and backend on the fleet's Redis, JSON only, beat's schedule in memory."""
+    app = Celery("pagedfleet", broker=settings.redis_url, backend=settings.redis_url)
+    period = settings.housekeeping_period_s
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        result_expires=3600,
+        timezone="UTC",
+        enable_utc=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        beat_scheduler="celery.beat:Scheduler",  # in memory: the default PersistentScheduler pickles to a shelve
+        beat_schedule={
+            "expire-jobs": {"task": "pagedfleet.expire_jobs", "schedule": period * 2},
+            "trim-streams": {"task": "pagedfleet.trim_streams", "schedule": period * 2},
+            "reclaim-pending": {"task": "pagedfleet.reclaim_pending", "schedule": period},
+        },
+    )
+    _register_tasks(app, settings)
+    return app
 
 
-RECLAIM_IDLE_S = _float_env("PAGEDFLEET_RECLAIM_IDLE_S", 60.0)
-MAX_DELIVERIES = int(_float_env("PAGEDFLEET_MAX_DELIVERIES", 5))
-DEFAULT_JOB_TTL_S = _float_env("PAGEDFLEET_JOB_TTL", 86400.0)
-OUTPUT_TTL_S = _float_env("PAGEDFLEET_OUTPUT_TTL_S", 600.0)
-PERIOD_S = _float_env("PAGEDFLEET_HOUSEKEEPING_PERIOD_S", 15.0)
-
-app = Celery("pagedfleet", broker=REDIS_URL, backend=REDIS_URL)
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    event_serializer="json",
-    task_default_queue=QUEUE,
-    task_ignore_result=True,
-    result_expires=3600,
-    timezone="UTC",
-    enable_utc=True,
-    worker_hijack_root_logger=False,
-    broker_connection_retry_on_startup=True,
-    beat_scheduler="celery.beat:Scheduler",  # in memory: the default PersistentScheduler pickles to a shelve
-    beat_schedule={
-        "expire-jobs": {"task": "pagedfleet.expire_jobs", "schedule": PERIOD_S * 2},
-        "trim-streams": {"task": "pagedfleet.trim_streams", "schedule": PERIOD_S * 2},
-        "reclaim-pending": {"task": "pagedfleet.reclaim_pending", "schedule": PERIOD_S},
-    },
-)
+@functools.cache
+def _default_app() -> Celery:
+    return make_app(SchedulerSettings())
 
 
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(app.conf.broker_url or REDIS_URL, decode_responses=True)
+def __getattr__(name: str) -> Celery:
+    # `celery -A scheduler.server.housekeeping` asks for `app`: built (and the environment read) only then
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------
 # expire jobs
 
 
-def expire_jobs_once(r: redis.Redis, now: float | None = None, default_ttl_s: float = DEFAULT_JOB_TTL_S) -> list[str]:
+def expire_jobs_once(r: redis.Redis, now: float | None = None, default_ttl_s: float = S.JOB_TTL_S) -> list[str]:
     """Delete finished jobs whose TTL passed. Returns the deleted job ids."""
     now = time.time() if now is None else now
     expired = []
@@ -93,7 +98,7 @@ def expire_jobs_once(r: redis.Redis, now: float | None = None, default_ttl_s: fl
         request_id = job_id
         if meta:
             try:
-                m = S.JobMeta.model_validate_json(meta)
+                m = JobMeta.model_validate_json(meta)
                 ttl, request_id = m.ttl_s, m.request_id
             except Exception:
                 pass
@@ -121,9 +126,9 @@ def _plan_streams(r: redis.Redis) -> list[str]:
 def trim_streams_once(r: redis.Redis) -> dict[str, str | None]:
     out = {}
     for stream, maxlen in ((S.REQUESTS, S.REQUESTS_MAXLEN), (S.RESULTS, S.RESULTS_MAXLEN)):
-        out[stream] = S.safe_trim_minid(r, stream, maxlen)
+        out[stream] = safe_trim_minid(r, stream, maxlen)
     for stream in _plan_streams(r):
-        out[stream] = S.safe_trim_minid(r, stream, S.PLAN_MAXLEN)
+        out[stream] = safe_trim_minid(r, stream, S.PLAN_MAXLEN)
     r.xtrim(S.DEAD_LETTER, maxlen=S.DEAD_MAXLEN, approximate=True) if r.exists(S.DEAD_LETTER) else None
     return out
 
@@ -132,18 +137,14 @@ def trim_streams_once(r: redis.Redis) -> dict[str, str | None]:
 # reclaim pending entries of dead consumers
 
 
-def fail_request(r, request_id: str, error: str, job_id: str | None = None, n: int = 1) -> None:
+def fail_request(r, request_id: str, error: str, job_id: str | None = None, n: int = 1,
+                 output_ttl_s: float = S.OUTPUT_TTL_S, job_ttl_s: float = S.JOB_TTL_S) -> None:
     """Finish a request with an error the gateway shows (and its job, if any, as failed)."""
     delta = RequestOutputDelta(request_id=request_id, finished=True, error=error,
                                outputs=[SequenceOutputDelta(index=i, finish_reason=FinishReason.ERROR)
                                         for i in range(n)])
     p = r.pipeline(transaction=True)
-    key = S.output_stream(request_id)
-    p.xadd(key, S.encode(delta))
-    p.expire(key, int(DEFAULT_JOB_TTL_S if job_id else OUTPUT_TTL_S))
-    p.hdel(S.ACTIVE, request_id)
-    if job_id:
-        S.set_job_status(p, job_id, S.JobStatus.FAILED, error)
+    queue_output_delta(p, delta, job_id, output_ttl_s, job_ttl_s)
     p.execute()
 
 
@@ -164,8 +165,9 @@ def _deliveries(r, stream: str, group: str, entry_id: str) -> int:
     return max(1, int(info[0]["times_delivered"]) - 1) if info else 1
 
 
-def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: float = RECLAIM_IDLE_S,
-                        max_deliveries: int = MAX_DELIVERIES) -> dict[str, int]:
+def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: float = S.RECLAIM_IDLE_S,
+                        max_deliveries: int = S.MAX_DELIVERIES, output_ttl_s: float = S.OUTPUT_TTL_S,
+                        job_ttl_s: float = S.JOB_TTL_S) -> dict[str, int]:
     counts = {"requeued": 0, "dead_lettered": 0, "dropped": 0}
     start = "0-0"
     while True:
@@ -195,7 +197,7 @@ def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: flo
                     dead_letter(r, stream, group, entry_id, fields, total, reason)
                     if cmd.op == "add":
                         fail_request(r, cmd.request_id, reason, cmd.job_id,
-                                     cmd.request.sampling.n if cmd.request else 1)
+                                     cmd.request.sampling.n if cmd.request else 1, output_ttl_s, job_ttl_s)
                     counts["dead_lettered"] += 1
                 else:
                     again = cmd.model_copy(update={"deliveries": total})
@@ -220,10 +222,12 @@ def reclaim_stream_once(r: redis.Redis, stream: str, group: str, min_idle_s: flo
     return counts
 
 
-def reclaim_pending_once(r: redis.Redis, min_idle_s: float = RECLAIM_IDLE_S,
-                         max_deliveries: int = MAX_DELIVERIES) -> dict[str, dict[str, int]]:
+def reclaim_pending_once(r: redis.Redis, min_idle_s: float = S.RECLAIM_IDLE_S,
+                         max_deliveries: int = S.MAX_DELIVERIES, output_ttl_s: float = S.OUTPUT_TTL_S,
+                         job_ttl_s: float = S.JOB_TTL_S) -> dict[str, dict[str, int]]:
     out = {
-        S.REQUESTS: reclaim_stream_once(r, S.REQUESTS, S.SCHEDULER_GROUP, min_idle_s, max_deliveries),
+        S.REQUESTS: reclaim_stream_once(r, S.REQUESTS, S.SCHEDULER_GROUP, min_idle_s, max_deliveries,
+                                        output_ttl_s, job_ttl_s),
         S.RESULTS: reclaim_stream_once(r, S.RESULTS, S.SCHEDULER_GROUP, min_idle_s, max_deliveries),
     }
     for stream in _plan_streams(r):
@@ -235,21 +239,24 @@ def reclaim_pending_once(r: redis.Redis, min_idle_s: float = RECLAIM_IDLE_S,
 # Celery tasks
 
 
-@app.task(name="pagedfleet.expire_jobs")
-def expire_jobs() -> int:
-    with _redis() as r:
-        return len(expire_jobs_once(r))
+def _register_tasks(app: Celery, settings: SchedulerSettings) -> None:
+    def connect() -> redis.Redis:
+        return redis.Redis.from_url(settings.redis_url, decode_responses=True)
 
+    @app.task(name="pagedfleet.expire_jobs")
+    def expire_jobs() -> int:
+        with connect() as r:
+            return len(expire_jobs_once(r, default_ttl_s=settings.job_ttl_s))
 
-@app.task(name="pagedfleet.trim_streams")
-def trim_streams() -> dict:
-    with _redis() as r:
-        return trim_streams_once(r)
+    @app.task(name="pagedfleet.trim_streams")
+    def trim_streams() -> dict:
+        with connect() as r:
+            return trim_streams_once(r)
 
-
-@app.task(name="pagedfleet.reclaim_pending")
-def reclaim_pending() -> dict:
-    with _redis() as r:
-        out = reclaim_pending_once(r)
-        r.hset(STATS, "last_reclaim_at", repr(time.time()))
-        return out
+    @app.task(name="pagedfleet.reclaim_pending")
+    def reclaim_pending() -> dict:
+        with connect() as r:
+            out = reclaim_pending_once(r, settings.reclaim_idle_s, settings.max_deliveries, settings.output_ttl_s,
+                                       settings.job_ttl_s)
+            r.hset(STATS, "last_reclaim_at", repr(time.time()))
+            return out
