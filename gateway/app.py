@@ -35,12 +35,12 @@ def _error(status: int, message: str, param: str | None = None, code=None, type_
 
 def load_model_info(settings: GatewaySettings) -> ModelInfo:
     """The served model's tokenizer and limits (from its files; the workers' WorkerInfo overrides)."""
-    from pagedfleet.tokenizer import Tokenizer
+    from model_io.tokenizer import Tokenizer
 
     model_dir: Path | None = Path(settings.model_dir) if settings.model_dir else None
     name = settings.served_model_name
     if model_dir is None:
-        from pagedfleet.model_files import resolve_model
+        from model_io.model_files import resolve_model
 
         files = resolve_model(settings.model)
         model_dir = Path(files.path) if files.path is not None else None

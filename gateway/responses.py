@@ -2,7 +2,7 @@
 
 `OutputTracker` applies the scheduler's token deltas of one request exactly as the offline engine does
 (`pagedfleet.engine.LLMEngine._apply_delta`): incremental detokenisation and exact stop strings through
-`pagedfleet.output_processor`, so the fleet's text equals the offline engine's token for token.
+`model_io.output_processor`, so the fleet's text equals the offline engine's token for token.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class ChoiceUpdate:
 class OutputTracker:
     def __init__(self, tokenizer, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  include_stop_str_in_output: bool = False):
-        from pagedfleet.output_processor import IncrementalDetokenizer
+        from model_io.output_processor import IncrementalDetokenizer
 
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
