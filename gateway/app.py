@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from gateway import job_routes, routes
+from gateway.body_limit import BodySizeLimit
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
 from gateway.responses import TokenText
@@ -73,8 +74,8 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         await app.state.fleet.aclose()
         await pool.aclose()
 
-    # max_body_size: FastAPI checks Content-Length and counts the body's bytes as they arrive (413)
-    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan, max_body_size=settings.max_body_bytes)
+    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.settings = settings
     app.state.metrics = None
     app.include_router(routes.router)

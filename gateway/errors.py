@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("pagedfleet.gateway")
 
@@ -74,6 +75,16 @@ def validation_message(e: ValidationError, prefix: str = "") -> tuple[str, str |
     return "; ".join(parts) or str(e), first_loc
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of every route at this path (Starlette's Allow names only the first route's)."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS
+                     if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes))
+
+
 def install_error_handlers(app: FastAPI, fleet_error: type[Exception]) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -94,8 +105,10 @@ def install_error_handlers(app: FastAPI, fleet_error: type[Exception]) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = "request_too_large" if exc.status_code == 413 else None
-        return error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
