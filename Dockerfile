@@ -30,6 +30,7 @@ COPY protocol ./protocol
 COPY scheduler ./scheduler
 COPY gpu_worker ./gpu_worker
 COPY kernels ./kernels
+COPY model_io ./model_io
 COPY gateway ./gateway
 COPY pagedfleet ./pagedfleet
 RUN pip install --no-deps -e . \

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         args.num_gpu_blocks = NUM_GPU_BLOCKS
 
     from pagedfleet.bench.workloads import get_workload
-    from pagedfleet.model_files import resolve_model
+    from model_io.model_files import resolve_model
 
     wl = get_workload(args.workload)
     vocab = int(resolve_model(args.model).config["vocab_size"])

@@ -1,22 +1,52 @@
 """Pydantic models of every request and response of the gateway's HTTP API (OpenAI-compatible).
 
 Requests reject unknown fields (extra="forbid") so a typo or an unsupported OpenAI feature is a 400
-that names the field, never a silently ignored option. Range checks of the sampling fields live in
+that names the field, never a silently ignored option; they are strict (`"stream": "yes"` or
+`"max_tokens": "16"` is a 400, never coerced), every string must be valid Unicode (a lone surrogate
+such as "\ud800" is a 400), and the API's own limits (the `MAX_*` below, docs/api_limits.md) are Field
+constraints, so the OpenAPI schema carries them. Range checks of the sampling fields live in
 `protocol.SamplingParams`, which the routes build from these models.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic_core import PydanticCustomError
 
 API_VERSION = 1
 
+# The API's limits (docs/api_limits.md).
+MAX_PROMPTS_PER_REQUEST = 64  # prompts of one /v1/completions request
+MAX_N = 16  # completions per prompt (and best_of)
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # `logprobs` of /v1/completions, `top_logprobs` of chat (as protocol.SamplingParams)
+MAX_MESSAGES = 1024  # messages of one chat request
+
+
+def _valid_unicode(s: str) -> str:
+    # A lone surrogate ("\ud800" in JSON) is a str to Python but no text: the tokenizer and the Redis
+    # encoder would fail on it later, so it is a 400 here.
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("invalid_unicode", "invalid Unicode (a lone surrogate); text must be valid "
+                                      "UTF-8") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0)]
+StopString = Annotated[Text, Field(max_length=MAX_STOP_STRING_CHARS)]
+
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Resp(BaseModel):
@@ -35,15 +65,15 @@ class StreamOptions(_Req):
 class _SamplingFields(_Req):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names; vLLM's extras)."""
 
-    model: str | None = None
-    n: int = 1
+    model: Text | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -54,8 +84,8 @@ class _SamplingFields(_Req):
     priority: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    user: Text | None = None
+    logit_bias: dict[Text, float] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -66,12 +96,14 @@ class _SamplingFields(_Req):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (Text | list[TokenId] | Annotated[list[Text], Field(max_length=MAX_PROMPTS_PER_REQUEST)]
+             | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS_PER_REQUEST)]) = Field(
+        description=f"a text, a list of token ids, or a list of at most {MAX_PROMPTS_PER_REQUEST} of either")
+    max_tokens: int | None = Field(16, ge=1, description="prompt + max_tokens must fit the model's context")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: Text | None = None
 
     @field_validator("echo")
     @classmethod
@@ -109,16 +141,16 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -129,18 +161,46 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the model's context")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's new name of max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
 
 
-class JobRequest(_Req):
-    """POST /v1/jobs: a completion body or a chat body (told apart by `prompt` / `messages`)."""
+class JobCompletionRequest(CompletionRequest):
+    """POST /v1/jobs with a completion body (one prompt; jobs do not stream: poll GET /v1/jobs/{id})."""
 
-    kind: Literal["completion", "chat"] | None = None
+    kind: Literal["completion"] | None = None
+    stream: Literal[False] = False
+
+
+class JobChatRequest(ChatCompletionRequest):
+    """POST /v1/jobs with a chat body (jobs do not stream: poll GET /v1/jobs/{id})."""
+
+    kind: Literal["chat"] | None = None
+    stream: Literal[False] = False
+
+
+def _job_kind(body: Any) -> str | None:
+    if isinstance(body, BaseModel):
+        return "chat" if isinstance(body, JobChatRequest) else "completion"
+    if not isinstance(body, dict):
+        return None
+    kind = body.get("kind")
+    if kind is None:
+        return "chat" if "messages" in body else "completion"
+    return kind if kind in ("completion", "chat") else None
+
+
+# A completion body or a chat body, told apart by `kind` or else by `messages`.
+JobRequest = Annotated[
+    Union[Annotated[JobCompletionRequest, Tag("completion")], Annotated[JobChatRequest, Tag("chat")]],
+    Discriminator(_job_kind, custom_error_type="job_body",
+                  custom_error_message="the body must be a JSON object: a completion (`prompt`) or a chat "
+                                       "(`messages`); `kind`, when given, is 'completion' or 'chat'"),
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,9 +332,11 @@ class ErrorResponse(_Resp):
 
 
 class HealthResponse(_Resp):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]  # unavailable: Redis does not answer
     redis: bool
+    scheduler: bool = False  # the scheduler service holds its lease
     workers: int
+    missing: list[Literal["redis", "scheduler", "workers"]] = Field(default_factory=list)
     detail: str | None = None
 
 

@@ -13,34 +13,26 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
+from gateway import job_routes, routes
+from gateway.body_limit import BodySizeLimit
+from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
-from gateway.generation import BadRequest, TokenText, validation_message
-from gateway.routes import router
+from gateway.responses import TokenText
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("pagedfleet.gateway")
 
 
-def _error(status: int, message: str, param: str | None = None, code=None, type_: str | None = None) -> JSONResponse:
-    if type_ is None:
-        type_ = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
-
-
 def load_model_info(settings: GatewaySettings) -> ModelInfo:
     """The served model's tokenizer and limits (from its files; the workers' WorkerInfo overrides)."""
-    from pagedfleet.tokenizer import Tokenizer
+    from model_io.tokenizer import Tokenizer
 
     model_dir: Path | None = Path(settings.model_dir) if settings.model_dir else None
     name = settings.served_model_name
     if model_dir is None:
-        from pagedfleet.model_files import resolve_model
+        from model_io.model_files import resolve_model
 
         files = resolve_model(settings.model)
         model_dir = Path(files.path) if files.path is not None else None
@@ -83,9 +75,11 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         await pool.aclose()
 
     app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.settings = settings
     app.state.metrics = None
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(job_routes.router)
 
     try:
         from gateway.metrics import gateway_metrics
@@ -110,32 +104,7 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
     except ImportError:
         pass
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        if errs and errs[0].get("type") == "json_invalid":
-            ctx = errs[0].get("ctx") or {}
-            return _error(400, f"malformed JSON body: {ctx.get('error', 'JSON decode error')}")
-        msg, param = validation_message(exc)  # type: ignore[arg-type]
-        return _error(400, msg, param)
-
-    @app.exception_handler(BadRequest)
-    async def _bad(request: Request, exc: BadRequest):
-        return _error(exc.status_code, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(FleetError)
-    async def _fleet(request: Request, exc: FleetError):
-        return _error(exc.status_code, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _any(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
-
+    install_error_handlers(app, FleetError)
     return app
 
 

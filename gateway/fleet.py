@@ -71,6 +71,10 @@ class FleetClient:
         self._workers_cache = (now, regs)
         return regs
 
+    async def scheduler_alive(self) -> bool:
+        """The scheduler service holds its lease (a key it refreshes; it expires with the scheduler)."""
+        return bool(await self.redis.exists(S.SCHEDULER_INFO))
+
     async def max_model_len(self) -> int:
         regs = [r for r in await self.live_workers() if self.serves(r.info.model)]
         if regs:

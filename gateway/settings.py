@@ -20,6 +20,9 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(600.0, description="a request with no output for this long fails")
     worker_cache_s: float = Field(1.0, description="how long the list of live workers is cached")
     max_model_len: int | None = Field(None, description="context length when no worker has registered yet")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024,
+                                description="a request body over this many bytes is a 413 (counted as it "
+                                            "arrives, never read whole first); env PAGEDFLEET_MAX_BODY_BYTES")
     scheduler_url: str = Field("http://127.0.0.1:8001",
                                description="the scheduler service's HTTP address (the block-map proxy reads its "
                                            "/block-map); env PAGEDFLEET_SCHEDULER_URL")

@@ -163,7 +163,7 @@ _seq_output = _seq_output_fast if _check_fast_output() else _seq_output_construc
 
 class ModelRunner:
     def __init__(self, config: WorkerConfig, worker_id: str = "worker-0"):
-        from pagedfleet.model_files import resolve_model
+        from model_io.model_files import resolve_model
 
         self.config = config
         self.worker_id = worker_id

@@ -1,7 +1,7 @@
 """PagedFleet: LLM serving on PagedAttention.
 
 `from pagedfleet import LLM` gives the offline engine. The import is lazy so that torch-free parts
-(the gateway, the scheduler service) can use `pagedfleet.tokenizer` without loading torch.
+(the gateway, the scheduler service) never load torch through it (model files and the tokenizer live in `model_io`).
 """
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams"]

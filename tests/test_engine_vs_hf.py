@@ -54,8 +54,8 @@ def _prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def engine_files():
-    from pagedfleet.model_files import resolve_model
-    from pagedfleet.tokenizer import Tokenizer
+    from model_io.model_files import resolve_model
+    from model_io.tokenizer import Tokenizer
 
     files = resolve_model(None)
     return files, Tokenizer(files.path)

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from pagedfleet import model_files
-from pagedfleet.model_files import ModelFiles, resolve_model
+from model_io import model_files
+from model_io.model_files import ModelFiles, resolve_model
 
 
 def test_default_model_is_converted_to_hf_layout(smollm2_files):

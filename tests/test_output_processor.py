@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pagedfleet.output_processor import IncrementalDetokenizer
+from model_io.output_processor import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from pagedfleet.model_files import resolve_model
-    from pagedfleet.tokenizer import Tokenizer
+    from model_io.model_files import resolve_model
+    from model_io.tokenizer import Tokenizer
 
     return Tokenizer(resolve_model(None).path)
 

@@ -279,15 +279,14 @@ def gguf_config(reader) -> dict[str, Any]:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise a llama GGUF into ``out_dir`` in Hugging Face layout (float32 safetensors)."""
     import numpy as np
-    import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file  # the same file as safetensors.torch writes, without torch
 
     reader = GGUFReader(str(gguf_path))
     cfg = gguf_config(reader)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         parts = t.name.split(".")
@@ -305,7 +304,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
                 w = _reverse_permute(w, kv_heads)
         else:
             raise ValueError(f"model: unexpected GGUF tensor {t.name!r}")
-        tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
+        tensors[name] = np.array(w, dtype=np.float32, order="C", copy=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     _write_tokenizer(gguf_path, out_dir)

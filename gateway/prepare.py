@@ -1,0 +1,130 @@
+"""API bodies -> checked token ids and SamplingParams, ready to submit to the fleet.
+
+Tokenising runs in a worker thread (anyio.to_thread), so one huge prompt never stalls the event loop:
+other requests and /health go on meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anyio import to_thread
+from pydantic import ValidationError
+
+from gateway.api_models import ChatCompletionRequest, CompletionRequest
+from gateway.errors import BadRequest, validation_message
+from gateway.fleet import FleetClient
+from gateway.responses import make_request
+from model_io.output_processor import RequestOutputProcessor
+from protocol import SamplingParams
+
+
+@dataclass
+class Prepared:
+    request_ids: list[str]
+    prompts: list[list[int]]
+    params: SamplingParams
+    model: str
+    priority: int
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    kw: dict = {"n": body.n, "max_tokens": max_tokens, "ignore_eos": body.ignore_eos,
+                "skip_special_tokens": body.skip_special_tokens}
+    for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "min_tokens", "top_k", "stop"):
+        v = getattr(body, name)
+        if v is not None:
+            kw[name] = v
+    if body.stop_token_ids:
+        kw["stop_token_ids"] = body.stop_token_ids
+    if isinstance(body, CompletionRequest):
+        if body.logprobs is not None:
+            kw["logprobs"] = body.logprobs
+        if body.best_of is not None and body.best_of != body.n:
+            raise BadRequest("best_of: only best_of == n is supported", "best_of")
+    else:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs: requires logprobs to be true", "top_logprobs")
+        if body.logprobs:
+            kw["logprobs"] = body.top_logprobs or 0
+    try:
+        return SamplingParams(**kw)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise BadRequest(msg, param) from None
+
+
+def check_model(fleet: FleetClient, name: str | None) -> str:
+    if not fleet.serves(name):
+        raise BadRequest(
+            f"model: {name!r} does not exist here; this fleet serves {fleet.model.name!r}", "model", 404,
+            "model_not_found",
+        )
+    return fleet.model.name
+
+
+async def check_prompt(fleet: FleetClient, ids: list[int], max_tokens: int | None, what: str = "prompt") -> None:
+    """The prompt's ids are in the vocabulary and prompt + max_tokens fits the context."""
+    if not ids:
+        raise BadRequest(f"{what}: must not be empty", what)
+    vocab = await fleet.vocab_size()
+    if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+        raise BadRequest(f"{what}: token ids must be in [0, {vocab})", what)
+    max_len = await fleet.max_model_len()
+    if len(ids) >= max_len:
+        raise BadRequest(
+            f"{what}: {len(ids)} tokens do not fit the model's context of {max_len} tokens", what,
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and len(ids) + max_tokens > max_len:
+        raise BadRequest(
+            f"max_tokens: {len(ids)} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
+            f"{max_len} tokens (at most {max_len - len(ids)} here)", "max_tokens", code="context_length_exceeded",
+        )
+
+
+def _tokenizer(fleet: FleetClient):
+    tok = fleet.model.tokenizer
+    if tok is None:
+        raise BadRequest("this model has no tokenizer: pass prompts as token ids", "prompt")
+    return tok
+
+
+async def prepare_completion(fleet: FleetClient, body: CompletionRequest, base_id: str) -> Prepared:
+    model = check_model(fleet, body.model)
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16
+    params = sampling_params(body, max_tokens)
+    prompts = []
+    for p in body.prompts():
+        ids = list(p) if isinstance(p, list) else await to_thread.run_sync(_tokenizer(fleet).encode, p)
+        await check_prompt(fleet, ids, max_tokens)
+        prompts.append(ids)
+    rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+    return Prepared(rids, prompts, params, model, body.priority)
+
+
+async def prepare_chat(fleet: FleetClient, body: ChatCompletionRequest, base_id: str) -> Prepared:
+    model = check_model(fleet, body.model)
+    tok = _tokenizer(fleet)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids = await to_thread.run_sync(tok.encode_chat, messages, body.add_generation_prompt)
+    except Exception as e:  # template errors (raise_exception in the template) name the problem
+        raise BadRequest(f"messages: {e}", "messages") from None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    await check_prompt(fleet, ids, max_tokens, "messages")
+    if max_tokens is None:
+        max_tokens = max(1, await fleet.max_model_len() - len(ids))
+    params = sampling_params(body, max_tokens)
+    return Prepared([base_id], [ids], params, model, body.priority)
+
+
+def processors(fleet: FleetClient, prep: Prepared, include_stop: bool) -> list[RequestOutputProcessor]:
+    return [RequestOutputProcessor(fleet.model.tokenizer, rid, ids, prep.params, include_stop)
+            for rid, ids in zip(prep.request_ids, prep.prompts)]
+
+
+async def submit(fleet: FleetClient, prep: Prepared, job_id: str | None = None) -> None:
+    for rid, ids in zip(prep.request_ids, prep.prompts):
+        await fleet.submit(make_request(rid, ids, prep.params, prep.priority), job_id=job_id)
