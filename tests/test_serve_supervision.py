@@ -20,7 +20,7 @@ import pytest
 
 from fleet_harness import REPO, free_port
 
-pytestmark = pytest.mark.fleet
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -50,6 +50,7 @@ class Serve:
         self.port, self.sched_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sched_url = f"http://127.0.0.1:{self.sched_port}"
+        self.redis_port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO), PAGEDFLEET_HEARTBEAT_INTERVAL_S="0.25",
                    PAGEDFLEET_HEARTBEAT_TTL_S="1.5")
         self.log_path = tmp / "serve.out"
@@ -57,7 +58,7 @@ class Serve:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pagedfleet.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
                  "--port", str(self.port), "--scheduler-port", str(self.sched_port), "--worker-metrics-port", "0",
-                 "--redis-port", str(free_port()), "--state-dir", str(self.state), "--no-housekeeping",
+                 "--redis-port", str(self.redis_port), "--state-dir", str(self.state), "--no-housekeeping",
                  "--num-gpu-blocks", "512", "--max-model-len", "2048", "--threads-per-worker", "1"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.seen_pids: set[int] = set()
@@ -83,16 +84,12 @@ class Serve:
 
         from protocol import streams as S
 
-        r = redis.Redis.from_url(self._redis_url(), decode_responses=True)
+        r = redis.Redis.from_url(f"redis://127.0.0.1:{self.redis_port}/0", decode_responses=True)
         try:
             raw = r.hget(S.WORKERS, worker)
         finally:
             r.close()
         return S.WorkerRegistration.model_validate_json(raw).pid if raw else None
-
-    def _redis_url(self) -> str:
-        head = self.log_path.read_text().splitlines()[0]
-        return head.rsplit("REDIS_URL=", 1)[1].rstrip(")")
 
     def close(self) -> None:
         if self.proc.poll() is None:
