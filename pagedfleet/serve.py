@@ -181,8 +181,14 @@ def _resolve_model(spec: str | None) -> tuple[str | None, str | None]:
     return (str(files.path) if files.path is not None else None), files.name
 
 
+def supervision_policy(args: argparse.Namespace):
+    from pagedfleet.supervision import SupervisionPolicy
+
+    return SupervisionPolicy(start_retries=args.start_retries)
+
+
 def serve_main(args: argparse.Namespace) -> int:
-    from pagedfleet.supervision import SupervisionPolicy, run_supervised, state_paths, supervisord_config
+    from pagedfleet.supervision import run_supervised, state_paths, supervisord_config
 
     try:
         model_dir, served = _resolve_model(args.model)
@@ -196,7 +202,7 @@ def serve_main(args: argparse.Namespace) -> int:
     repo_root = str(Path(__file__).resolve().parent.parent)
     state_dir = state_dir_of(args)
     paths = state_paths(state_dir)
-    config = supervisord_config(procs, state_dir, repo_root, SupervisionPolicy(start_retries=args.start_retries))
+    config = supervisord_config(procs, state_dir, repo_root, supervision_policy(args))
     if args.supervisor_config:
         sys.stdout.write(config)
         return 0

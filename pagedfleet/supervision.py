@@ -65,7 +65,8 @@ def program_section(name: str, command: str, cwd: str, logs: Path, policy: Super
         "stopasgroup=true",
         "killasgroup=true",
         "redirect_stderr=true",
-        f"stdout_logfile={_escape(str(logs / (name + '.log')))}",
+        # supervisor expands a program's log file name twice (once more than every other value)
+        f"stdout_logfile={_escape(_escape(str(logs / (name + '.log'))))}",
         f"stdout_logfile_maxbytes={policy.log_max_bytes}",
         f"stdout_logfile_backups={policy.log_backups}",
         "",
