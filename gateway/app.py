@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import redis.asyncio as aioredis
+
+from protocol.redis_conn import async_client
 from fastapi import FastAPI
 
 from gateway import job_routes, routes
@@ -58,9 +60,9 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         info = model_info or load_model_info(settings)
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True,
-                                                        max_connections=1024, timeout=30)
-        r = aioredis.Redis(connection_pool=pool)
+        r = async_client(settings.redis_url, decode_responses=True, max_block_ms=1000,
+                         connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
+        pool = r.connection_pool
         app.state.fleet = FleetClient(r, info, settings)
         app.state.token_text = TokenText(info.tokenizer)
         try:

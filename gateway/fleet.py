@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from protocol import GenerationRequest, RequestOutputDelta
 from protocol import streams as S
+from protocol.redis_conn import OUTAGE_ERRORS, Outage
 from protocol.job_store import set_job_status
 from protocol.jobs import JobMeta, JobStatus
 
@@ -127,10 +128,15 @@ class FleetClient:
         last = "0-0"
         idle_since = time.monotonic()
         while True:
-            if block:
-                resp = await self.redis.xread({key: last}, count=256, block=1000)
-            else:
-                resp = await self.redis.xread({key: last}, count=1024)
+            try:
+                if block:
+                    resp = await self.redis.xread({key: last}, count=256, block=1000)
+                else:
+                    resp = await self.redis.xread({key: last}, count=1024)
+            except OUTAGE_ERRORS:  # Redis away: keep our place in the stream and wait for it
+                await self._wait_for_redis(request_id, key, seen_output=last != "0-0")
+                idle_since = time.monotonic()
+                continue
             if not resp:
                 if not block:
                     return
@@ -147,6 +153,23 @@ class FleetClient:
                     yield delta
                     if delta.finished:
                         return
+
+    async def _wait_for_redis(self, request_id: str, key: str, seen_output: bool) -> None:
+        """Back off until Redis answers again; then the request must still be known to it (its output
+        stream or its pf:active entry), else its state was lost and the client gets a clear error. (Before
+        its first output a request may still wait in the requests stream: then the request timeout rules.)"""
+        outage = Outage(f"following {request_id}", log, base_s=0.1, max_delay_s=2.0)
+        while True:
+            try:
+                known = await self.redis.exists(key) or await self.redis.hexists(S.ACTIVE, request_id)
+                break
+            except OUTAGE_ERRORS as e:
+                await asyncio.sleep(outage.failed(e))
+                if time.monotonic() - outage.started > self.settings.request_timeout_s:
+                    raise FleetError("redis is unavailable", 503) from e
+        outage.succeeded()
+        if seen_output and not known:
+            raise FleetError(f"request {request_id} was lost when Redis restarted; send it again", 503)
 
     # ---- jobs -----------------------------------------------------------------------------------
     async def create_job(self, meta: JobMeta) -> None:

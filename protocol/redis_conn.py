@@ -8,7 +8,7 @@ long fork for a rewrite, a slow disk) into a ``TimeoutError`` in every service, 
   (``max_block_ms``): a stalled Redis is waited for rather than failed, and a blocking ``XREADGROUP`` /
   ``XREAD`` is never cut short by the socket timeout. Waiting is also what keeps commands exactly-once:
   a command that timed out and was sent again could run twice once Redis wakes up.
-* redis-py's ``Retry`` (``ExponentialBackoff``, capped at 1 s, ``RETRIES`` attempts, about 3 s) reconnects
+* redis-py's ``Retry`` (``ExponentialBackoff``, capped at 1 s, ``RETRIES`` attempts, about 6.5 s: a Redis restart) reconnects
   silently on ``ConnectionError`` / ``TimeoutError`` / ``BusyLoadingError`` (Redis loading its append-only
   file after a restart): a blink is invisible to the caller.
 * ``health_check_interval`` pings a connection idle that long before using it, so a connection that died
@@ -62,7 +62,7 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, Bus
 STALL_TOLERANCE_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_INTERVAL_S = 10
-RETRIES = 6
+RETRIES = 10
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 1.0
 

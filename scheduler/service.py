@@ -25,12 +25,13 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import redis
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from protocol import streams as S
+from protocol.redis_conn import OUTAGE_ERRORS, Outage, async_client, sync_client
 from scheduler.server.config import SchedulerSettings
 from scheduler.server.http import serve_http
 from scheduler.server.intake import Intake
@@ -66,7 +67,7 @@ class SchedulerService(ServiceState):
         self._last_trim = 0.0
 
     async def connect(self) -> None:
-        self.r = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self.r = async_client(self.settings.redis_url, decode_responses=True, max_block_ms=1000)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -99,7 +100,7 @@ class SchedulerService(ServiceState):
 
     def _poll_streams_sync(self) -> None:
         """Stream gauges (and housekeeping's totals) for the metrics; trims (a sync client, in a thread)."""
-        r = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        r = sync_client(self.settings.redis_url, decode_responses=True)
         try:
             if self.metrics is not None:
                 streams = {S.REQUESTS: S.SCHEDULER_GROUP, S.RESULTS: S.SCHEDULER_GROUP, S.DEAD_LETTER: None}
@@ -120,13 +121,10 @@ class SchedulerService(ServiceState):
         self.started_at = time.time()
         await self.recovery.bounce_workers()
         await self.recovery.recover_active()
-        tasks = [
-            asyncio.create_task(self.lease.keep(), name="lease"),
-            asyncio.create_task(self.monitor_loop(), name="monitor"),
-            asyncio.create_task(self.intake.requests_loop(), name="requests"),
-            asyncio.create_task(self.step_loop.results_loop(), name="results"),
-            asyncio.create_task(serve_http(self), name="http"),
-        ]
+        loops = {"lease": self.lease.keep, "monitor": self.monitor_loop, "requests": self.intake.requests_loop,
+                 "results": self.step_loop.results_loop}
+        tasks = [asyncio.create_task(self._outlasting_outages(name, fn), name=name) for name, fn in loops.items()]
+        tasks.append(asyncio.create_task(serve_http(self), name="http"))
         log.info("scheduler %s up (http :%d)", self.instance, self.settings.scheduler_port)
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(tasks + [stop], return_when=asyncio.FIRST_COMPLETED)
@@ -134,6 +132,18 @@ class SchedulerService(ServiceState):
             if t is not stop and t.exception() is not None:
                 log.error("task %s failed: %r", t.get_name(), t.exception())
         await self._shutdown(tasks)
+
+    async def _outlasting_outages(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the service's loops; a Redis outage longer than the client's own retries restarts
+        the loop (its state lives in the service, stream positions in the consumer groups) once Redis
+        answers, so the service never exits because Redis blinked."""
+        outage = Outage(f"scheduler {name} loop", log, base_s=0.1, max_delay_s=2.0)
+        while not self.stopping.is_set():
+            try:
+                await loop()
+                return
+            except OUTAGE_ERRORS as e:
+                await asyncio.sleep(outage.failed(e))
 
     async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
         self.stopping.set()

@@ -31,6 +31,7 @@ from celery import Celery
 
 from protocol import FinishReason, RequestOutputDelta, SequenceOutputDelta
 from protocol import streams as S
+from protocol.redis_conn import sync_client
 from protocol.jobs import JobMeta
 from scheduler.server.config import SchedulerSettings
 from scheduler.server.output_streams import queue_output_delta
@@ -241,7 +242,7 @@ def reclaim_pending_once(r: redis.Redis, min_idle_s: float = S.RECLAIM_IDLE_S,
 
 def _register_tasks(app: Celery, settings: SchedulerSettings) -> None:
     def connect() -> redis.Redis:
-        return redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        return sync_client(settings.redis_url, decode_responses=True)
 
     @app.task(name="pagedfleet.expire_jobs")
     def expire_jobs() -> int:
