@@ -137,8 +137,7 @@ def _resume_swapped(sched: Scheduler, g: SequenceGroup, plan: PlanBuilder, wm: i
     if need > kv.gpu.num_blocks:
         # its sequences grew apart while swapped out (or were swapped at the edge): even the whole pool
         # cannot hold its next step, so it would wait forever; stop it as a running group that outgrows
-        # the pool is stopped
-        sched.queues.pop_head(swapped=True)
+        # the pool is stopped (it leaves the heap as a finished head)
         finish_for_capacity(sched, g)
         return True
     if need > kv.num_free_blocks - wm:

@@ -154,8 +154,7 @@ def finish_seq(sched: Scheduler, seq: Sequence) -> None:
 def end_group(sched: Scheduler, g: SequenceGroup) -> list[int]:
     """Take ``g`` off the queues and free its sequences; returns the indices of those that were still
     unfinished (live and parked). The caller reports them (abort, a failed step)."""
-    if g.status is _RUNNING:
-        sched.queues.stop_running(g)
+    sched.queues.remove(g)
     idx = [s.seq_index for s in g.live] + forking.drop_parked(sched, g)
     for s in list(g.live):
         sched.release_seq(s)
@@ -180,8 +179,7 @@ def fail_step(sched: Scheduler, record: list[RecordEntry], error: str) -> list[R
 
 
 def finish_for_capacity(sched: Scheduler, g: SequenceGroup) -> None:
-    """``g`` alone cannot get the blocks it needs (it outgrew the GPU pool): stop it (length). A running
-    group leaves the running list here; a swapped one was already taken off its queue by the caller."""
+    """``g`` alone cannot get the blocks it needs (it outgrew the GPU pool): stop it (length)."""
     if g.use_beam_search:
         for s in g.live + g.parked:
             forking.add_hypothesis(g, list(s.token_ids), s.cumulative_logprob, _LENGTH)

@@ -3,7 +3,8 @@
 All three are kept in queue order (``SequenceGroup.key``: arrival, or ``(priority, arrival)``). A group
 that finishes while it sits in a heap (an abort) is dropped lazily when it reaches the head; one that
 finishes while running during ``update()`` leaves the running list when the step's results are applied.
-``num_running_seqs`` counts the sequences the running groups may grow to (what ``max_num_seqs`` bounds).
+``num_running_seqs`` counts the sequences the running groups may grow to (what ``max_num_seqs`` bounds);
+``num_waiting`` / ``num_swapped`` the unfinished groups in the heaps (kept, so stats never scan them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import heapq
 from scheduler.sequence import SequenceGroup, SequenceStatus
 
 _RUNNING = SequenceStatus.RUNNING
+_WAITING = SequenceStatus.WAITING
+_SWAPPED = SequenceStatus.SWAPPED
 _FINISHED = SequenceStatus.FINISHED
 
 
@@ -22,21 +25,26 @@ def _queue_key(g: SequenceGroup):
 
 
 class RequestQueues:
-    __slots__ = ("waiting", "swapped", "running", "num_running_seqs", "_running_dirty")
+    __slots__ = ("waiting", "swapped", "running", "num_running_seqs", "num_waiting", "num_swapped",
+                 "_running_dirty")
 
     def __init__(self) -> None:
         self.waiting: list[SequenceGroup] = []  # heap by key (new + preempted by recompute)
         self.swapped: list[SequenceGroup] = []  # heap by key
         self.running: list[SequenceGroup] = []  # sorted by key
         self.num_running_seqs = 0  # sum of max_num_seqs of the running groups
+        self.num_waiting = 0  # unfinished groups in the waiting heap (finished ones leave it lazily)
+        self.num_swapped = 0  # unfinished groups in the swapped heap
         self._running_dirty = False  # a running group finished: drop it at the end of the update
 
     # ------------------------------------------------------------------ waiting / swapped
     def push_waiting(self, g: SequenceGroup) -> None:
         heapq.heappush(self.waiting, g)
+        self.num_waiting += 1
 
     def push_swapped(self, g: SequenceGroup) -> None:
         heapq.heappush(self.swapped, g)
+        self.num_swapped += 1
 
     @staticmethod
     def _peek(heap: list[SequenceGroup]) -> SequenceGroup | None:
@@ -53,7 +61,21 @@ class RequestQueues:
         return gw, False
 
     def pop_head(self, swapped: bool) -> SequenceGroup:
-        return heapq.heappop(self.swapped if swapped else self.waiting)
+        if swapped:
+            self.num_swapped -= 1
+            return heapq.heappop(self.swapped)
+        self.num_waiting -= 1
+        return heapq.heappop(self.waiting)
+
+    def remove(self, g: SequenceGroup) -> None:
+        """``g`` ends outside a step's results (abort, a failed step, capacity): off the running list now,
+        out of a heap when it reaches the head. Call before its status becomes FINISHED."""
+        if g.status is _RUNNING:
+            self.stop_running(g)
+        elif g.status is _WAITING:
+            self.num_waiting -= 1
+        elif g.status is _SWAPPED:
+            self.num_swapped -= 1
 
     # ------------------------------------------------------------------ running
     def start_running(self, g: SequenceGroup, step: int) -> None:
@@ -85,9 +107,8 @@ class RequestQueues:
                 return running[i]
         return None
 
-    # ------------------------------------------------------------------ counts
-    def num_waiting(self) -> int:
-        return sum(1 for g in self.waiting if g.status is not _FINISHED)
-
-    def num_swapped(self) -> int:
-        return sum(1 for g in self.swapped if g.status is not _FINISHED)
+    def check_counts(self) -> None:
+        """AssertionError when a counter differs from the queues (tests)."""
+        assert self.num_waiting == sum(1 for g in self.waiting if g.status is not _FINISHED), "num_waiting"
+        assert self.num_swapped == sum(1 for g in self.swapped if g.status is not _FINISHED), "num_swapped"
+        assert self.num_running_seqs == sum(g.max_num_seqs for g in self.running), "num_running_seqs"

@@ -188,6 +188,7 @@ class Scheduler:
             self.groups.pop(req.request_id, None)
             for s in g.seqs:
                 self.seqs.pop(s.seq_id, None)
+            self.queues.remove(g)
             g.status = _FINISHED
             raise ValueError(f"request {req.request_id!r}: " + ("nothing left to resume" if not g.live else
                              f"needs {need} KV blocks to resume but the GPU pool has {self.worker.num_gpu_blocks}"))
@@ -350,4 +351,4 @@ class Scheduler:
             for p in g.parked:
                 assert kv.get_table(p.seq_id) is None and not p.registered
                 assert g.live and g.live[0].compute_limit is not None
-        assert q.num_running_seqs == sum(g.max_num_seqs for g in q.running)
+        q.check_counts()

@@ -1,7 +1,7 @@
 """What a scheduler reports about itself: ``SchedulerStats`` (counters and ledger usage) and the block map.
 
-The stats are built from counters the ledger keeps (no scan over the blocks); only the slot usage and
-the queue lengths walk the sequences and groups. The block map walks every block: it is for a dashboard,
+The stats are built from counters the ledger and the queues keep (no scan over the blocks or the
+queues); only the slot usage and the running sequences walk the running sequences / groups. The block map walks every block: it is for a dashboard,
 never on the step path.
 """
 
@@ -98,9 +98,9 @@ def collect_stats(sched: Scheduler) -> SchedulerStats:
         preemptions_swap=sched.num_preemptions_swap,
         preemptions_recompute=sched.num_preemptions_recompute,
         preemptions=sched.num_preemptions_swap + sched.num_preemptions_recompute,
-        num_waiting=q.num_waiting(),
+        num_waiting=q.num_waiting,
         num_running=len(q.running),
-        num_swapped=q.num_swapped(),
+        num_swapped=q.num_swapped,
         num_running_seqs=sum(len(g.live) for g in q.running),
         num_finished=sched.num_finished,
         num_aborted=sched.num_aborted,
