@@ -1,8 +1,8 @@
 """What a scheduler reports about itself: ``SchedulerStats`` (counters and ledger usage) and the block map.
 
 The stats are built from counters the ledger and the queues keep (no scan over the blocks or the
-queues); only the slot usage and the running sequences walk the running sequences / groups. The block map walks every block: it is for a dashboard,
-never on the step path.
+queues); only the slot usage and ``num_running_seqs`` walk the block tables / running groups. The
+block map walks every block: it is for a dashboard, never on the step path.
 """
 
 from __future__ import annotations
