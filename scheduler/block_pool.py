@@ -121,6 +121,7 @@ class BlockPool:
         # counters
         self.num_evictions = 0
         self.num_cached_free = 0  # free blocks that still carry a hash (revivable prefix blocks)
+        self.num_shared = 0  # blocks held by more than one table (kept here so stats never scan the blocks)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -172,6 +173,8 @@ class BlockPool:
                 if b.block_hash is not None:
                     self.num_cached_free -= 1
             b.ref_cnt += 1
+            if b.ref_cnt == 2:
+                self.num_shared += 1
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference on each block, in the given (eviction) order.
@@ -185,7 +188,9 @@ class BlockPool:
             if rc < 0:
                 raise ValueError(f"double free of block {b.block_id}")
             b.ref_cnt = rc
-            if rc == 0:
+            if rc == 1:
+                self.num_shared -= 1
+            elif rc == 0:
                 if b.block_hash is not None:
                     q.append(b)
                     self.num_cached_free += 1
@@ -228,7 +233,7 @@ class BlockPool:
 
     # ------------------------------------------------------------------ introspection
     def num_shared_blocks(self) -> int:
-        return sum(1 for b in self.blocks if b.ref_cnt > 1)
+        return self.num_shared
 
     def check_invariants(self) -> None:
         """Raise AssertionError when the pool's own bookkeeping is inconsistent (tests, debugging)."""
@@ -246,6 +251,8 @@ class BlockPool:
             assert b.block_hash == h
         hashed_free = sum(1 for b in self.blocks if b.ref_cnt == 0 and b.block_hash is not None)
         assert hashed_free == self.num_cached_free, (hashed_free, self.num_cached_free)
+        shared = sum(1 for b in self.blocks if b.ref_cnt > 1)
+        assert shared == self.num_shared, (shared, self.num_shared)
         for b in self.blocks:
             if b.block_hash is not None:
                 assert self.cached_blocks.get(b.block_hash) is b

@@ -23,7 +23,9 @@ from __future__ import annotations
 from typing import Iterable
 
 from scheduler.block_pool import BlockPool, KVBlock
-from scheduler.sequence import Sequence
+from scheduler.sequence import Sequence, hash_block_tokens
+
+BlockUpdates = list[tuple[int, int]]  # a table's changed entries: (logical index, physical block)
 
 
 class BlockTable:
@@ -73,6 +75,22 @@ class KVCacheManager:
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def num_free_blocks(self) -> int:
+        """GPU blocks a new allocation can take: free ones, cached-but-evictable included."""
+        return self.gpu.free_queue.num_free_blocks
+
+    def num_tokens_fitting(self, seq: Sequence) -> int:
+        """Tokens ``seq`` can compute with the slots in its table plus every free block; 0 when its next
+        slot is in a shared block (that write needs a copy first)."""
+        blocks = self.tables[seq.seq_id].blocks
+        bs = self.block_size
+        c = seq.num_computed_tokens
+        first = c // bs
+        if first < len(blocks) and blocks[first].ref_cnt > 1:
+            return 0
+        return (len(blocks) + self.gpu.num_free_blocks) * bs - c
+
     # ------------------------------------------------------------------ prefix cache
     def find_cached_prefix(self, seq: Sequence, max_tokens: int | None = None) -> list[KVBlock]:
         """Longest chain of cached GPU blocks matching ``seq``'s leading full blocks (no side effects).
@@ -95,6 +113,27 @@ class KVCacheManager:
                 break
             hits.append(b)
         return hits
+
+    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Tokens of ``token_ids`` the prefix cache holds, in whole blocks (the ``find_cached_prefix`` rule:
+        at most ``len - 1`` tokens). No side effects: nothing is touched, allocated or kept."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        cached = self.gpu.cached_blocks
+        h = None
+        n = 0
+        for i in range((len(token_ids) - 1) // bs):
+            h = hash_block_tokens(h, token_ids[i * bs:(i + 1) * bs])
+            if h not in cached:
+                break
+            n += 1
+        return n * bs
+
+    @staticmethod
+    def num_blocks_revived(hits: Iterable[KVBlock]) -> int:
+        """Distinct blocks among prefix hits that are free now: taking them uses up free-queue room."""
+        return len({b.block_id for b in hits if b.ref_cnt == 0})
 
     def can_admit(self, hits: list[KVBlock], num_new_blocks: int, watermark_blocks: int = 0) -> bool:
         """Would taking ``hits`` (revived from the free queue if free) plus ``num_new_blocks`` new blocks
@@ -171,7 +210,7 @@ class KVCacheManager:
         return total
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
-                       copies: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+                       copies: list[tuple[int, int]]) -> BlockUpdates | None:
         """Make slots for ``num_new_tokens`` tokens from ``seq.num_computed_tokens`` on.
 
         Returns the table's changed entries ``[(logical index, physical block)]`` (appended blocks and
@@ -208,6 +247,18 @@ class KVCacheManager:
                 updates.append((len(blocks), b.block_id))
                 blocks.append(b)
         return updates
+
+    def allocate_group_slots(self, work: list[tuple[Sequence, int]],
+                             copies: list[tuple[int, int]]) -> list[BlockUpdates] | None:
+        """``allocate_slots`` for several (sequence, new tokens) pairs, all or nothing: the block updates
+        of each pair, in order, or None (changing nothing) when the GPU pool cannot hold them all."""
+        if len(work) == 1:
+            seq, k = work[0]
+            ups = self.allocate_slots(seq, k, copies)
+            return None if ups is None else [ups]
+        if self.num_blocks_needed(work) > self.gpu.free_queue.num_free_blocks:
+            return None
+        return [self.allocate_slots(seq, k, copies) for seq, k in work]
 
     # ------------------------------------------------------------------ fork / free
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -260,7 +311,7 @@ class KVCacheManager:
                     mapping[b.block_id] = nb
                     pairs.append((b.block_id, nb.block_id))
                 else:
-                    nb.ref_cnt += 1
+                    dst.touch((nb,))  # a block shared on the source stays shared on the destination
                 new_blocks.append(nb)
             src.free_blocks(reversed(t.blocks))
             t.blocks = new_blocks

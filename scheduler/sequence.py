@@ -13,7 +13,7 @@ import enum
 import hashlib
 from array import array
 
-from protocol.messages import FinishReason, ForkSequence, GenerationRequest, TokenLogprob
+from protocol.messages import FinishReason, ForkSequence, GenerationRequest, SequenceOutputDelta, TokenLogprob
 from protocol.sampling import SamplingParams
 
 
@@ -52,10 +52,7 @@ class Sequence:
         "registered",
         "pending_append",
         "cumulative_logprob",
-        "output_logprobs",
         "beam_candidates",
-        "finish_reason",
-        "stop_reason",
         "compute_limit",
     )
 
@@ -74,10 +71,7 @@ class Sequence:
         self.registered = False  # does the worker know this sequence?
         self.pending_append: list[int] = []  # beam search: chosen tokens not yet sent to the worker
         self.cumulative_logprob = 0.0
-        self.output_logprobs: list[float] = []
-        self.beam_candidates: list[TokenLogprob] | None = None
-        self.finish_reason: FinishReason | None = None
-        self.stop_reason: int | str | None = None
+        self.beam_candidates: list[TokenLogprob] | None = None  # beam search: this step's top candidates
         # recompute of a forked group: the root computes only its prompt before the others fork from it
         self.compute_limit: int | None = None
 
@@ -114,6 +108,14 @@ class Sequence:
             hs.append(hash_block_tokens(hs[-1] if hs else None, toks[i * block_size:(i + 1) * block_size]))
         return hs
 
+    def take_pending_append(self) -> list[int]:
+        """The chosen tokens the worker does not have yet (cleared: they go out in this step's entry)."""
+        pa = self.pending_append
+        if not pa:
+            return []
+        self.pending_append = []
+        return pa
+
     def fork(self, new_seq_id: int, seq_index: int) -> "Sequence":
         child = Sequence(new_seq_id, self.request_id, list(self.token_ids), self.prompt_len, seq_index, self.group)
         child.num_computed_tokens = self.num_computed_tokens
@@ -121,7 +123,6 @@ class Sequence:
         child.block_hashes = list(self.block_hashes)
         child.num_cached_blocks = self.num_cached_blocks
         child.cumulative_logprob = self.cumulative_logprob
-        child.output_logprobs = list(self.output_logprobs)
         return child
 
     def __repr__(self) -> str:
@@ -130,18 +131,24 @@ class Sequence:
 
 
 class SequenceGroup:
-    """One request: its sequences, sampling params, arrival time, priority and seed."""
+    """One request: its sequences, sampling params, queue key and seed, plus the finish-check constants
+    the hot path reads (derived once from the sampling params at ``add_request``)."""
 
-    def __init__(self, request: GenerationRequest, seed: int, arrival_seq: int, policy: str = "fcfs") -> None:
-        self.request = request
+    __slots__ = (
+        "request_id", "sampling", "prompt_len", "seed", "key", "seqs", "live", "parked", "status",
+        "num_cached_tokens", "first_admitted", "pending_forks", "beam_completed", "prompt_logprobs_buf",
+        "prompt_logprobs_done", "prompt_logprobs_ready", "next_seq_index", "scheduled_step", "delta_buf",
+        "stop_ids", "stop_token_ids", "max_tokens", "min_tokens", "want_logprobs", "want_top",
+        "want_prompt_logprobs", "needs_fork", "beam", "slow_path", "single",
+    )
+
+    def __init__(self, request: GenerationRequest, seed: int, arrival_seq: int, policy: str = "fcfs",
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+        sp: SamplingParams = request.sampling
         self.request_id = request.request_id
-        self.sampling: SamplingParams = request.sampling
-        self.prompt_token_ids = request.prompt_token_ids
+        self.sampling = sp
         self.prompt_len = len(request.prompt_token_ids)
-        self.arrival_time = request.arrival_time
-        self.priority = request.priority
         self.seed = seed
-        self.arrival_seq = arrival_seq
         # queue order: lower first. Priority policy: (priority, arrival); FCFS: arrival only.
         if policy == "priority":
             self.key = (request.priority, request.arrival_time, arrival_seq)
@@ -153,16 +160,30 @@ class SequenceGroup:
         self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0  # prefix-cache hit of the first admission
         self.first_admitted = False
-        self.forked = False  # n > 1: children created
         self.pending_forks: list[ForkSequence] = []  # beam search forks not yet sent to the worker
         self.beam_completed: list[tuple[float, list[int], float, FinishReason]] = []  # (score, tokens, cum lp, reason)
-        self.beam_len_penalty = request.sampling.length_penalty
         self.prompt_logprobs_buf: list = []
         self.prompt_logprobs_done = False
+        self.prompt_logprobs_ready = False  # the prompt's last chunk sampled: its logprobs go out with the token
         self.next_seq_index = 1
         self.scheduled_step = -1  # last step this group was scheduled in
-        self.finish_pending = False
-        self.error: str | None = None
+        self.delta_buf: list[SequenceOutputDelta] = []  # this step's deltas of a group with several of them
+        # finish-check constants, kept on the group for the hot path
+        stop = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            stop |= eos_token_ids
+        self.stop_ids = frozenset(stop)
+        self.stop_token_ids = frozenset(sp.stop_token_ids)
+        self.max_tokens = sp.max_tokens
+        self.min_tokens = sp.min_tokens
+        self.want_logprobs = sp.logprobs is not None
+        self.want_top = bool(sp.logprobs)
+        self.want_prompt_logprobs = sp.prompt_logprobs is not None
+        self.needs_fork = sp.n > 1 and sp.beam_width == 0  # n > 1: fork the children when the prompt completes
+        self.beam = sp.beam_width > 0
+        # hot-path flags: one completion without prompt logprobs or beams -> one delta straight away
+        self.slow_path = self.beam or self.want_prompt_logprobs
+        self.single = sp.n == 1 and not self.slow_path
 
     @property
     def use_beam_search(self) -> bool:

@@ -150,17 +150,14 @@ class StepLoop:
 
     def _note_preemptions(self, h: WorkerHandle) -> None:
         """Job status: running / preempted (swapped out, or waiting again after a recompute preemption)."""
-        groups = h.sched.groups
         for rid in h.requests:
             st = self.state.requests.get(rid)
             if st is None or not st.job_id or not st.started:
                 continue
-            g = groups.get(rid)
-            if g is None:
-                continue
-            if g.status in _PREEMPTED:
+            status = h.sched.request_status(rid)
+            if status in _PREEMPTED:
                 self._set_job_status(st, JobStatus.PREEMPTED)
-            elif g.status is SequenceStatus.RUNNING:
+            elif status is SequenceStatus.RUNNING:
                 self._set_job_status(st, JobStatus.RUNNING)
 
     def _set_job_status(self, st: ReqState, status: JobStatus) -> None:
