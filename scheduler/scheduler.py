@@ -31,13 +31,36 @@ from protocol.messages import (
     GenerationRequest,
     NewSequence,
     RequestOutputDelta,
+    ScheduledSequence,
+    SequenceOutputDelta,
     StepPlan,
     StepResult,
     WorkerInfo,
 )
-from scheduler._msg import make_request_delta, make_scheduled, make_seq_delta
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+
+# positional builders of the hot-path messages (plain msgspec Structs: building one costs nothing to validate)
+def make_scheduled(seq_id, num_tokens, block_updates, append_token_ids, sample, reset_block_table=None,
+                   fork_children=None):
+    return ScheduledSequence(seq_id=seq_id, num_tokens=num_tokens, block_updates=block_updates,
+                             append_token_ids=append_token_ids, sample=sample, reset_block_table=reset_block_table,
+                             fork_children=fork_children if fork_children is not None else [])
+
+
+def make_seq_delta(index, token_ids, logprobs=None, top_logprobs=None, finish_reason=None, stop_reason=None):
+    return SequenceOutputDelta(index=index, token_ids=token_ids, logprobs=logprobs, top_logprobs=top_logprobs,
+                               finish_reason=finish_reason, stop_reason=stop_reason)
+
+
+def make_request_delta(request_id, outputs, prompt_logprobs, num_prompt_tokens, num_cached_tokens, finished,
+                       error=None):
+    return RequestOutputDelta(request_id=request_id, outputs=outputs, prompt_logprobs=prompt_logprobs,
+                              num_prompt_tokens=num_prompt_tokens, num_cached_tokens=num_cached_tokens,
+                              finished=finished, error=error)
+
 
 _RUNNING = SequenceStatus.RUNNING
 _FINISHED = SequenceStatus.FINISHED
