@@ -50,10 +50,6 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
 
-def _needs_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: Sequence[int] = ()):
         self.vocab_size = vocab_size
@@ -127,7 +123,7 @@ class Sampler:
         dev = logits.device
         V = logits.shape[1]
         params = [r.params for r in reqs]
-        pen_rows = [i for i, p in enumerate(params) if _needs_penalty(p)]
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         min_rows = [i for i, (r, p) in enumerate(zip(reqs, params)) if r.output_pos < p.min_tokens]
         if not (pen_rows or min_rows):
             return logits
