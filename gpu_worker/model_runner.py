@@ -226,7 +226,7 @@ class ModelRunner:
             batch.fork(f.parent_seq_id, f.child_seq_id, f.seq_index)
         outputs: list[SequenceOutput] = []
         if plan.scheduled:
-            outputs = self._run(plan.scheduled)
+            outputs = self._run(plan)
         return step_result(plan, self.worker_id, outputs, t0)
 
     def _transfer(self, op: str, fn, pairs) -> None:
@@ -255,7 +255,8 @@ class ModelRunner:
         self.backend.prepare(meta)
         return self.model(input_ids, pos_t, self.kv_cache, meta, self.backend)
 
-    def _run(self, entries: list[ScheduledSequence]) -> list[SequenceOutput]:
+    def _run(self, plan: StepPlan) -> list[SequenceOutput]:
+        entries = plan.scheduled
         x = self.batch.prepare(entries)
         hidden = self._forward(x)
         states = x.states
