@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
+from gpu_worker.penalty_history import PenaltyHistories
 from protocol import NewSequence, SamplingParams, ScheduledSequence, TokenLogprob
 
 
@@ -31,6 +33,9 @@ class SeqState:
     # prompt logprob entry of the token right after the last computed chunk (computed from its last row)
     pending_prompt_lp: list[TokenLogprob] | None = None
     row: int = -1  # row of this sequence's block table in BlockTables
+    # with a penalty: its row in the runner's PenaltyHistories, and how many of token_ids that row records
+    pen_slot: int = -1
+    pen_len: int = 0
     # derived from `sampling` once (hot path): greedy with nothing else to compute (one argmax does it);
     # prompt logprobs wanted
     plain_greedy: bool = False
@@ -44,7 +49,7 @@ class SeqState:
 
     def clone(self, seq_id: int, seq_index: int) -> "SeqState":
         return replace(self, seq_id=seq_id, seq_index=seq_index, token_ids=list(self.token_ids),
-                       block_table=list(self.block_table), row=-1)
+                       block_table=list(self.block_table), row=-1, pen_slot=-1, pen_len=0)
 
 
 class BlockTables:
@@ -117,14 +122,17 @@ class StepInputs:
 
 
 class InputBatch:
-    """The live sequences of one worker (``seqs``, by seq id) and their block tables."""
+    """The live sequences of one worker (``seqs``, by seq id), their block tables, and the token histories
+    of those with a penalty (``histories``)."""
 
-    def __init__(self, worker_id: str, block_size: int, max_model_len: int, num_gpu_blocks: int, vocab_size: int):
+    def __init__(self, worker_id: str, block_size: int, max_model_len: int, num_gpu_blocks: int, vocab_size: int,
+                 device: torch.device | str = "cpu"):
         self.worker_id = worker_id
         self.block_size, self.max_model_len = block_size, max_model_len
         self.num_gpu_blocks, self.vocab_size = num_gpu_blocks, vocab_size
         self.seqs: dict[int, SeqState] = {}
         self.tables = BlockTables(-(-max_model_len // block_size) + 1)
+        self.histories = PenaltyHistories(vocab_size, torch.device(device))  # sequences with a penalty
 
     # ---- the plan's diffs --------------------------------------------------------------------
     def free(self, seq_ids) -> None:
@@ -132,6 +140,7 @@ class InputBatch:
             st = self.seqs.pop(sid, None)
             if st is not None:
                 self.tables.release(st.row)
+                self.histories.release(st.pen_slot)
 
     def add(self, ns: NewSequence) -> None:
         if ns.seq_id in self.seqs:
@@ -159,6 +168,10 @@ class InputBatch:
 
     def _live_rows(self):
         return [s.row for s in self.seqs.values()]
+
+    def sync_penalty_histories(self, states: list[SeqState]) -> None:
+        """Bring the penalty histories of these states (all with a penalty) up to date."""
+        self.histories.sync(states, lambda: [s.pen_slot for s in self.seqs.values()])
 
     def _update_table(self, s: SeqState, e: ScheduledSequence) -> None:
         if e.reset_block_table is not None:

@@ -71,7 +71,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler(self.args.vocab_size, self.files.eos_token_ids)
         self.batch = InputBatch(worker_id, self.block_size, self.max_model_len, self.num_gpu_blocks,
-                                self.args.vocab_size)
+                                self.args.vocab_size, self.device)
         self.measure_transfers = False
         self.last_transfer_s: dict[str, float] = {}  # seconds per KV transfer op of the last step (if measured)
         self._copy_blocks_kernel = None
@@ -337,13 +337,17 @@ class ModelRunner:
             s, e = states[i], entries[i]
             opos = len(s.token_ids) - s.prompt_len
             for st in (s, *self._fork_children(s, e)):
-                reqs.append(SampleRequest(st.sampling, st.seed, st.seq_index, opos,
-                                          st.token_ids if st.sampling.has_penalties else (), st.prompt_len))
+                reqs.append(SampleRequest(st.sampling, st.seed, st.seq_index, opos, (), st.prompt_len))
                 row_of.append(r)
                 owners.append((i, st))
+        penalized = [j for j, (_, st) in enumerate(owners) if st.sampling.has_penalties]
+        if penalized:  # their token histories, kept on the device, gain this step's new tokens
+            self.batch.sync_penalty_histories([owners[j][1] for j in penalized])
+            for j in penalized:
+                reqs[j].history_slot = owners[j][1].pen_slot
         if len(row_of) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_of, device=logits.device))
-        res = self.sampler.sample(logits, reqs)
+        res = self.sampler.sample(logits, reqs, self.batch.histories)
         for j, (i, s) in enumerate(owners):
             tok = res.token_ids[j]
             if not s.sampling.use_beam_search:

@@ -39,8 +39,9 @@ class SampleRequest:
     seed: int
     seq_index: int
     output_pos: int  # number of output tokens the sequence already has (the position being drawn)
-    token_ids: Sequence[int] = ()  # prompt + output tokens (only read when a penalty is set)
+    token_ids: Sequence[int] = ()  # prompt + output tokens (only read when a penalty is set, without history)
     prompt_len: int = 0
+    history_slot: int = -1  # its row in the PenaltyHistories given to ``sample`` (-1: from token_ids)
 
 
 @dataclass
@@ -60,7 +61,9 @@ class Sampler:
         return self.sample(logits, reqs)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], histories=None) -> SamplerOutput:
+        """``histories``: the PenaltyHistories (gpu_worker/penalty_history.py) that requests with a
+        ``history_slot`` read their token history from (up to date: the runner syncs it first)."""
         R, V = logits.shape
         assert R == len(reqs)
         dev = logits.device
@@ -75,7 +78,7 @@ class Sampler:
             raw_lp = torch.log_softmax(logits if idx is None else logits.index_select(0, idx), dim=-1)
 
         # 2.-3. penalties and min_tokens (on a copy: the raw rows stay for the logprobs)
-        logits = self.process_logits(logits, reqs)
+        logits = self.process_logits(logits, reqs, histories)
 
         tokens = torch.empty(R, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.use_beam_search]
@@ -118,7 +121,7 @@ class Sampler:
         return logits.float().argmax(dim=-1).tolist()
 
     # ---- pieces ------------------------------------------------------------------------------
-    def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], histories=None) -> torch.Tensor:
         """Penalties and min_tokens masking; returns ``logits`` itself when nothing applies, else a copy."""
         dev = logits.device
         V = logits.shape[1]
@@ -129,7 +132,7 @@ class Sampler:
             return logits
         logits = logits.clone()
         if pen_rows:
-            self._apply_penalties(logits, [reqs[i] for i in pen_rows], pen_rows)
+            self._apply_penalties(logits, [reqs[i] for i in pen_rows], pen_rows, histories)
         if min_rows:
             rr, cc = [], []
             for i in min_rows:
@@ -145,38 +148,21 @@ class Sampler:
                 logits[torch.tensor(rr, device=dev), torch.tensor(cc, device=dev)] = float("-inf")
         return logits
 
-    def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest], rows: list[int]) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest], rows: list[int], histories) -> None:
         dev = logits.device
-        V = logits.shape[1]
-        n = len(rows)
-        all_toks, all_rows, out_toks, out_rows = [], [], [], []
-        for j, r in enumerate(reqs):
-            toks = np.asarray(r.token_ids, dtype=np.int64)
-            all_toks.append(toks)
-            all_rows.append(np.full(len(toks), j, dtype=np.int64))
-            out = toks[r.prompt_len:]
-            out_toks.append(out)
-            out_rows.append(np.full(len(out), j, dtype=np.int64))
         ri = torch.tensor(rows, device=dev)
         sub = logits.index_select(0, ri)
         rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)[:, None]
+        kept = histories is not None and all(r.history_slot >= 0 for r in reqs)
+        slots = torch.tensor([r.history_slot for r in reqs], device=dev) if kept else None
         if (rep != 1.0).any():
-            seen = torch.zeros(n, V, dtype=torch.bool, device=dev)
-            t = torch.from_numpy(np.concatenate(all_toks)).to(dev)
-            rr = torch.from_numpy(np.concatenate(all_rows)).to(dev)
-            keep = (t >= 0) & (t < V)
-            seen[rr[keep], t[keep]] = True
+            seen = histories.seen.index_select(0, slots) if kept else _histories(reqs, logits.shape[1], dev, False)
             pen = torch.where(sub < 0, sub * rep, sub / rep)
             sub = torch.where(seen, pen, sub)
         freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)[:, None]
         pres = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)[:, None]
         if (freq != 0).any() or (pres != 0).any():
-            counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
-            t = torch.from_numpy(np.concatenate(out_toks)).to(dev)
-            rr = torch.from_numpy(np.concatenate(out_rows)).to(dev)
-            keep = (t >= 0) & (t < V)
-            counts.index_put_((rr[keep], t[keep]), torch.ones(int(keep.sum()), dtype=sub.dtype, device=dev),
-                              accumulate=True)
+            counts = histories.counts.index_select(0, slots) if kept else _histories(reqs, logits.shape[1], dev, True)
             sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
         logits[ri] = sub
 
@@ -225,6 +211,29 @@ class Sampler:
 
 
 _CANDIDATES = 1024
+
+
+def _histories(reqs: list[SampleRequest], V: int, dev: torch.device, output_counts: bool) -> torch.Tensor:
+    """From the requests' token lists: ``seen`` [n, V] bool (prompt + output tokens), or with
+    ``output_counts`` the float32 counts [n, V] of the output tokens; what PenaltyHistories keeps."""
+    toks, rows = [], []
+    for j, r in enumerate(reqs):
+        t = np.asarray(r.token_ids, dtype=np.int64)
+        if output_counts:
+            t = t[r.prompt_len:]
+        toks.append(t)
+        rows.append(np.full(len(t), j, dtype=np.int64))
+    t = torch.from_numpy(np.concatenate(toks)).to(dev)
+    rr = torch.from_numpy(np.concatenate(rows)).to(dev)
+    keep = (t >= 0) & (t < V)
+    if not output_counts:
+        seen = torch.zeros(len(reqs), V, dtype=torch.bool, device=dev)
+        seen[rr[keep], t[keep]] = True
+        return seen
+    counts = torch.zeros(len(reqs), V, dtype=torch.float32, device=dev)
+    counts.index_put_((rr[keep], t[keep]), torch.ones(int(keep.sum()), dtype=torch.float32, device=dev),
+                      accumulate=True)
+    return counts
 
 
 def _top_k_top_p(sub: torch.Tensor, k: torch.Tensor, tp: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
