@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gpu_worker.penalty_history import PenaltyHistories
+from gpu_worker.sampling_slots import SamplingSlots
 from protocol import NewSequence, SamplingParams, ScheduledSequence, TokenLogprob
 
 
@@ -123,7 +124,7 @@ class StepInputs:
 
 class InputBatch:
     """The live sequences of one worker (``seqs``, by seq id), their block tables, and the token histories
-    of those with a penalty (``histories``)."""
+    of those with a penalty (``histories``), their sampling parameters (``sampling_slots``)."""
 
     def __init__(self, worker_id: str, block_size: int, max_model_len: int, num_gpu_blocks: int, vocab_size: int,
                  device: torch.device | str = "cpu"):
@@ -133,6 +134,7 @@ class InputBatch:
         self.seqs: dict[int, SeqState] = {}
         self.tables = BlockTables(-(-max_model_len // block_size) + 1)
         self.histories = PenaltyHistories(vocab_size, torch.device(device))  # sequences with a penalty
+        self.sampling_slots = SamplingSlots(torch.device(device))  # sampling parameters, by block-table row
 
     # ---- the plan's diffs --------------------------------------------------------------------
     def free(self, seq_ids) -> None:
@@ -164,6 +166,7 @@ class InputBatch:
     def _place(self, st: SeqState) -> None:
         st.row = self.tables.alloc(self._live_rows)
         self.tables.write(st.row, st.block_table)
+        self.sampling_slots.write(st.row, st.sampling)
         self.seqs[st.seq_id] = st
 
     def _live_rows(self):

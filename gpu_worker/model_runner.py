@@ -337,7 +337,8 @@ class ModelRunner:
             s, e = states[i], entries[i]
             opos = len(s.token_ids) - s.prompt_len
             for st in (s, *self._fork_children(s, e)):
-                reqs.append(SampleRequest(st.sampling, st.seed, st.seq_index, opos, (), st.prompt_len))
+                reqs.append(SampleRequest(st.sampling, st.seed, st.seq_index, opos, (), st.prompt_len,
+                                          param_row=st.row))
                 row_of.append(r)
                 owners.append((i, st))
         penalized = [j for j, (_, st) in enumerate(owners) if st.sampling.has_penalties]
@@ -347,7 +348,7 @@ class ModelRunner:
                 reqs[j].history_slot = owners[j][1].pen_slot
         if len(row_of) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_of, device=logits.device))
-        res = self.sampler.sample(logits, reqs, self.batch.histories)
+        res = self.sampler.sample(logits, reqs, self.batch)
         for j, (i, s) in enumerate(owners):
             tok = res.token_ids[j]
             if not s.sampling.use_beam_search:

@@ -16,15 +16,17 @@ def test_penalty_histories_equal_the_token_lists():
     sample = r.sampler.sample
     penalized = []
 
-    def checked(logits, reqs, histories=None):
+    def checked(logits, reqs, state=None):
         by_slot = {s.pen_slot: s for s in r.seqs.values() if s.pen_slot >= 0}
         ref = [SampleRequest(q.params, q.seed, q.seq_index, q.output_pos,
                              by_slot[q.history_slot].token_ids if q.history_slot >= 0 else (), q.prompt_len)
                for q in reqs]
-        assert torch.equal(r.sampler.process_logits(logits.float(), reqs, histories),
+        assert torch.equal(r.sampler.process_logits(logits.float(), reqs, state),
                            r.sampler.process_logits(logits.float(), ref))
-        out = sample(logits, reqs, histories)
-        assert out.token_ids == sample(logits, ref).token_ids
+        out = sample(logits, reqs, state)
+        again = sample(logits, ref)
+        assert out.token_ids == again.token_ids and out.logprobs == again.logprobs
+        assert all(q.param_row >= 0 for q in reqs)  # the parameter tensors came from the persistent table
         penalized.append(sum(q.history_slot >= 0 for q in reqs))
         return out
 
@@ -32,7 +34,7 @@ def test_penalty_histories_equal_the_token_lists():
     ps = [SamplingParams(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
                          max_tokens=20, seed=1),
           SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=20),
-          SamplingParams(temperature=1.0, max_tokens=20)]
+          SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.05, max_tokens=20)]
     news = [NewSequence(seq_id=i, request_id=str(i), prompt_len=5, token_ids=[1, 2, 3, 2, 1 + i],
                         block_table=[2 * i, 2 * i + 1, 40 + i], sampling=p, seed=i) for i, p in enumerate(ps)]
     fork = [ForkSequence(parent_seq_id=0, child_seq_id=10, seq_index=1)]
