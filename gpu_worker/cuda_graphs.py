@@ -10,17 +10,16 @@ import bisect
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from gpu_worker.attention import AttentionMetadata
 
-if TYPE_CHECKING:
-    from gpu_worker.model_runner import ModelRunner
-
 log = logging.getLogger(__name__)
+
+# The runner passed in (gpu_worker/model_runner.py) is typed Any: this module sits below it.
 
 
 def default_graph_sizes(max_bs: int) -> list[int]:
@@ -43,7 +42,7 @@ class CudaGraphs:
     hint), so replays need no host information but these buffers. FP8 scales are baked in at capture.
     """
 
-    def __init__(self, runner: "ModelRunner", emulate: bool = False):
+    def __init__(self, runner: Any, emulate: bool = False):
         """``emulate``: no capture; each "replay" runs the model eagerly on the static buffers (tests the
         input staging on the CPU). No reference to the runner is kept (it owns this object: a cycle
         would keep the model and the graph pool alive until the cyclic GC runs)."""
@@ -89,7 +88,7 @@ class CudaGraphs:
                                  is_decode_only=True, block_size=self.block_size)
 
     @torch.inference_mode()
-    def _capture_all(self, r: "ModelRunner") -> None:
+    def _capture_all(self, r: Any) -> None:
         dev = r.device
         for pb in reversed(self.sizes):
             args = (self.ids[:pb], self.pos[:pb], r.kv_cache, self._meta(pb), r.backend)
@@ -139,7 +138,7 @@ class EagerReplay:
     """Stands in for a captured graph (``CudaGraphs(emulate=True)``): runs the forward eagerly on the
     static buffers. The torch backend needs int64 slots and its per-step prepare."""
 
-    def __init__(self, graphs: CudaGraphs, runner: "ModelRunner", pb: int):
+    def __init__(self, graphs: CudaGraphs, runner: Any, pb: int):
         self.g, self.r, self.pb = graphs, runner, pb
         self.calls = 0
         r = runner

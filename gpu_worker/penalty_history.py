@@ -9,13 +9,11 @@ step. The tensors are allocated on first use and grow by doubling; sequences wit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from gpu_worker.input_batch import SeqState
 
 
 class PenaltyHistories:
@@ -43,8 +41,9 @@ class PenaltyHistories:
         if slot >= 0:
             self.free.append(slot)
 
-    def sync(self, states: list[SeqState], live_slots: Callable[[], Iterable[int]]) -> None:
-        """Record in each state's row the tokens it gained since the last sync (all of them the first time)."""
+    def sync(self, states: list, live_slots: Callable[[], Iterable[int]]) -> None:
+        """Record in each state's row (``states``: input_batch.SeqState) the tokens it gained since the last
+        sync (all of them the first time)."""
         fresh, slots, toks, out = [], [], [], []
         for s in states:
             if s.pen_slot < 0:
