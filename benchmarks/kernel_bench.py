@@ -602,6 +602,11 @@ def fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
 
 
+def run_date() -> str:
+    """The date and time of this run (UTC, ISO 8601): the results header carries it."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -617,7 +622,7 @@ def main():
     deadline = T0 + args.budget_s
     props = torch.cuda.get_device_properties(0)
     env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-               triton=triton.__version__, cuda=torch.version.cuda, date="2026-11-22",
+               triton=triton.__version__, cuda=torch.version.cuda, date=run_date(),
                command="PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py " + " ".join(sys.argv[1:]))
     log(json.dumps(env))
     result = dict(env=env)

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gpu_worker.sampling_slots import RowParams
 from protocol.sampling import SamplingParams
 
 
@@ -39,8 +40,10 @@ class SampleRequest:
     seed: int
     seq_index: int
     output_pos: int  # number of output tokens the sequence already has (the position being drawn)
-    token_ids: Sequence[int] = ()  # prompt + output tokens (only read when a penalty is set)
+    token_ids: Sequence[int] = ()  # prompt + output tokens (only read when a penalty is set, without history)
     prompt_len: int = 0
+    history_slot: int = -1  # its row in the state's PenaltyHistories (-1: from token_ids)
+    param_row: int = -1  # its column in the state's SamplingSlots (-1: tensors built from params)
 
 
 @dataclass
@@ -48,10 +51,6 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
-
-
-def _needs_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 class Sampler:
@@ -64,7 +63,10 @@ class Sampler:
         return self.sample(logits, reqs)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], state=None) -> SamplerOutput:
+        """``state``: the worker's persistent per-sequence state (an InputBatch): requests with a
+        ``history_slot`` read their token history from its ``histories`` (the runner syncs them first), and
+        those with a ``param_row`` their parameter tensors from its ``sampling_slots``."""
         R, V = logits.shape
         assert R == len(reqs)
         dev = logits.device
@@ -79,7 +81,7 @@ class Sampler:
             raw_lp = torch.log_softmax(logits if idx is None else logits.index_select(0, idx), dim=-1)
 
         # 2.-3. penalties and min_tokens (on a copy: the raw rows stay for the logprobs)
-        logits = self.process_logits(logits, reqs)
+        logits = self.process_logits(logits, reqs, state)
 
         tokens = torch.empty(R, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.use_beam_search]
@@ -93,7 +95,7 @@ class Sampler:
         if rand:
             ri = torch.tensor(rand, device=dev) if len(rand) < R else None
             sub = logits if ri is None else logits.index_select(0, ri)
-            drawn = self._sample_random(sub, [reqs[i] for i in rand])
+            drawn = self._sample_random(sub, [reqs[i] for i in rand], state)
             if ri is None:
                 tokens = drawn
             else:
@@ -122,18 +124,18 @@ class Sampler:
         return logits.float().argmax(dim=-1).tolist()
 
     # ---- pieces ------------------------------------------------------------------------------
-    def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], state=None) -> torch.Tensor:
         """Penalties and min_tokens masking; returns ``logits`` itself when nothing applies, else a copy."""
         dev = logits.device
         V = logits.shape[1]
         params = [r.params for r in reqs]
-        pen_rows = [i for i, p in enumerate(params) if _needs_penalty(p)]
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         min_rows = [i for i, (r, p) in enumerate(zip(reqs, params)) if r.output_pos < p.min_tokens]
         if not (pen_rows or min_rows):
             return logits
         logits = logits.clone()
         if pen_rows:
-            self._apply_penalties(logits, [reqs[i] for i in pen_rows], pen_rows)
+            self._apply_penalties(logits, [reqs[i] for i in pen_rows], pen_rows, state)
         if min_rows:
             rr, cc = [], []
             for i in min_rows:
@@ -149,43 +151,28 @@ class Sampler:
                 logits[torch.tensor(rr, device=dev), torch.tensor(cc, device=dev)] = float("-inf")
         return logits
 
-    def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest], rows: list[int]) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest], rows: list[int], state) -> None:
         dev = logits.device
-        V = logits.shape[1]
-        n = len(rows)
-        all_toks, all_rows, out_toks, out_rows = [], [], [], []
-        for j, r in enumerate(reqs):
-            toks = np.asarray(r.token_ids, dtype=np.int64)
-            all_toks.append(toks)
-            all_rows.append(np.full(len(toks), j, dtype=np.int64))
-            out = toks[r.prompt_len:]
-            out_toks.append(out)
-            out_rows.append(np.full(len(out), j, dtype=np.int64))
         ri = torch.tensor(rows, device=dev)
         sub = logits.index_select(0, ri)
-        rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)[:, None]
+        rp = _row_params(reqs, state, dev)
+        rep = rp.get("repetition_penalty")[:, None]
+        kept = state is not None and all(r.history_slot >= 0 for r in reqs)
+        histories = state.histories if kept else None
+        slots = torch.tensor([r.history_slot for r in reqs], device=dev) if kept else None
         if (rep != 1.0).any():
-            seen = torch.zeros(n, V, dtype=torch.bool, device=dev)
-            t = torch.from_numpy(np.concatenate(all_toks)).to(dev)
-            rr = torch.from_numpy(np.concatenate(all_rows)).to(dev)
-            keep = (t >= 0) & (t < V)
-            seen[rr[keep], t[keep]] = True
+            seen = histories.seen.index_select(0, slots) if kept else _histories(reqs, logits.shape[1], dev, False)
             pen = torch.where(sub < 0, sub * rep, sub / rep)
             sub = torch.where(seen, pen, sub)
-        freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)[:, None]
-        pres = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)[:, None]
+        freq = rp.get("frequency_penalty")[:, None]
+        pres = rp.get("presence_penalty")[:, None]
         if (freq != 0).any() or (pres != 0).any():
-            counts = torch.zeros(n, V, dtype=sub.dtype, device=dev)
-            t = torch.from_numpy(np.concatenate(out_toks)).to(dev)
-            rr = torch.from_numpy(np.concatenate(out_rows)).to(dev)
-            keep = (t >= 0) & (t < V)
-            counts.index_put_((rr[keep], t[keep]), torch.ones(int(keep.sum()), dtype=sub.dtype, device=dev),
-                              accumulate=True)
+            counts = histories.counts.index_select(0, slots) if kept else _histories(reqs, logits.shape[1], dev, True)
             sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
         logits[ri] = sub
 
-    def _sample_random(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
-        probs = self.warped_probs(logits, [r.params for r in reqs])
+    def _sample_random(self, logits: torch.Tensor, reqs: list[SampleRequest], state=None) -> torch.Tensor:
+        probs = self.warped_probs(logits, [r.params for r in reqs], _row_params(reqs, state, logits.device))
         dev = logits.device
         V = logits.shape[1]
         u = torch.tensor([counter_uniform(r.seed, r.seq_index, r.output_pos) for r in reqs],
@@ -196,12 +183,13 @@ class Sampler:
         return tok.clamp_(max=V - 1)
 
     @staticmethod
-    def warped_probs(logits: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
+    def warped_probs(logits: torch.Tensor, ps: Sequence[SamplingParams], rp: RowParams | None = None) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p (HF's order and definitions) -> probabilities [R, V].
-        Rows must have temperature > 0."""
+        Rows must have temperature > 0. ``rp``: the rows' parameter tensors (default: built from ``ps``)."""
         dev = logits.device
         R, V = logits.shape
-        temp = torch.tensor([p.temperature for p in ps], device=dev, dtype=logits.dtype)[:, None]
+        rp = rp if rp is not None else RowParams(ps, dev)
+        temp = rp.get("temperature", logits.dtype)[:, None]
         logits = logits / temp
         ks = [p.top_k if 0 < p.top_k < V else 0 for p in ps]
         tps = [p.top_p for p in ps]
@@ -210,7 +198,7 @@ class Sampler:
             ci = torch.tensor(cut, device=dev)
             sub = logits.index_select(0, ci)
             k = torch.tensor([ks[i] for i in cut], device=dev)
-            tp = torch.tensor([tps[i] for i in cut], device=dev, dtype=logits.dtype)
+            tp = rp.get("top_p", logits.dtype).index_select(0, ci)
             # Only the top K candidates can survive top-k; for top-p alone, when their mass reaches top_p
             # (checked per row; the rest fall back to a full sort). topk is far cheaper than a full sort.
             K = min(V, max(max(ks[i] for i in cut), _CANDIDATES))
@@ -219,7 +207,7 @@ class Sampler:
                 bad = (~ok).nonzero()[:, 0]
                 new[bad] = _top_k_top_p(sub[bad], k[bad], tp[bad], V)[0]
             logits[ci] = new
-        mp = torch.tensor([p.min_p for p in ps], device=dev, dtype=logits.dtype)[:, None]
+        mp = rp.get("min_p", logits.dtype)[:, None]
         probs = logits.softmax(dim=-1)
         if (mp > 0).any():
             top = probs.max(dim=-1, keepdim=True).values
@@ -229,6 +217,38 @@ class Sampler:
 
 
 _CANDIDATES = 1024
+
+
+def _row_params(reqs: Sequence[SampleRequest], state, dev: torch.device) -> RowParams:
+    """The requests' parameter tensors: gathered from the state's SamplingSlots when they all have a column
+    there (one index upload), else built from their params."""
+    params = [r.params for r in reqs]
+    if state is not None and all(r.param_row >= 0 for r in reqs):
+        return RowParams(params, dev, state.sampling_slots, torch.tensor([r.param_row for r in reqs], device=dev))
+    return RowParams(params, dev)
+
+
+def _histories(reqs: list[SampleRequest], V: int, dev: torch.device, output_counts: bool) -> torch.Tensor:
+    """From the requests' token lists: ``seen`` [n, V] bool (prompt + output tokens), or with
+    ``output_counts`` the float32 counts [n, V] of the output tokens; what PenaltyHistories keeps."""
+    toks, rows = [], []
+    for j, r in enumerate(reqs):
+        t = np.asarray(r.token_ids, dtype=np.int64)
+        if output_counts:
+            t = t[r.prompt_len:]
+        toks.append(t)
+        rows.append(np.full(len(t), j, dtype=np.int64))
+    t = torch.from_numpy(np.concatenate(toks)).to(dev)
+    rr = torch.from_numpy(np.concatenate(rows)).to(dev)
+    keep = (t >= 0) & (t < V)
+    if not output_counts:
+        seen = torch.zeros(len(reqs), V, dtype=torch.bool, device=dev)
+        seen[rr[keep], t[keep]] = True
+        return seen
+    counts = torch.zeros(len(reqs), V, dtype=torch.float32, device=dev)
+    counts.index_put_((rr[keep], t[keep]), torch.ones(int(keep.sum()), dtype=torch.float32, device=dev),
+                      accumulate=True)
+    return counts
 
 
 def _top_k_top_p(sub: torch.Tensor, k: torch.Tensor, tp: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:

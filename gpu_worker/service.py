@@ -91,7 +91,6 @@ class WorkerService:
         self.incarnation = uuid.uuid4().hex
         self.runner = None
         self.metrics = None
-        self._transfer_s: dict[str, float] = {}  # seconds per KV transfer op in the step being executed
         self._steps = 0
         self.plan_stream = S.plan_stream(self.worker_id)
 
@@ -128,42 +127,13 @@ class WorkerService:
         return host_port(host, port)
 
     def _instrument_runner(self) -> None:
-        """KV cache size once; time each batched swap / copy-on-write transfer of the runner."""
+        """KV cache size once; the runner times each step's batched swap / copy-on-write transfers."""
         run, m = self.runner, self.metrics
-        kv = getattr(run, "kv_cache", None)
-        cpu = getattr(run, "cpu_cache", None)
-        if kv is not None:
-            m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size(),
-                           cpu_bytes=cpu.numel() * cpu.element_size() if cpu is not None else 0,
-                           num_gpu_blocks=run.info.num_gpu_blocks, num_cpu_blocks=run.info.num_cpu_blocks,
-                           block_bytes=run.info.kv_block_bytes)
-        cuda = str(run.info.device).startswith("cuda")
-        dev = getattr(run, "device", None)
-        times = self._transfer_s
-
-        def sync() -> None:
-            if cuda:
-                import torch
-
-                torch.cuda.synchronize(dev)
-
-        # ModelRunner.execute calls self.swap_out / swap_in / copy_blocks (one batched call per op and step):
-        # wrap them on the instance. On CUDA the copies are asynchronous, so synchronize before (nothing of
-        # earlier work is counted) and after (the copy is done); on CPU the wall time is the copy's time.
-        for attr, op in (("swap_out", "swap_out"), ("swap_in", "swap_in"), ("copy_blocks", "copy")):
-            inner = getattr(run, attr, None)
-            if inner is None:
-                continue
-
-            def timed(pairs, _inner=inner, _op=op):
-                sync()
-                t = time.perf_counter()
-                out = _inner(pairs)
-                sync()
-                times[_op] = times.get(_op, 0.0) + (time.perf_counter() - t)
-                return out
-
-            setattr(run, attr, timed)
+        kv, cpu = run.kv_cache, run.cpu_cache
+        m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size(), cpu_bytes=cpu.numel() * cpu.element_size(),
+                       num_gpu_blocks=run.info.num_gpu_blocks, num_cpu_blocks=run.info.num_cpu_blocks,
+                       block_bytes=run.info.kv_block_bytes)
+        run.measure_transfers = True
 
     def _device_memory(self) -> None:
         if self.metrics is None or not str(self.runner.info.device).startswith("cuda"):
@@ -244,7 +214,6 @@ class WorkerService:
     def handle(self, entry_id: str, fields: dict) -> None:
         t0 = time.perf_counter()
         step_id = -1
-        self._transfer_s.clear()
         try:
             plan = S.decode(fields, StepPlan)
             step_id = plan.step_id
@@ -264,7 +233,7 @@ class WorkerService:
         if self.metrics is not None and plan is not None:
             try:
                 # execute time, computed tokens, and each KV transfer of the plan with its time
-                self.metrics.observe_step(plan, dt, dict(self._transfer_s))
+                self.metrics.observe_step(plan, dt, self.runner.last_transfer_s)
                 self._steps += 1
                 if self._steps % 50 == 1:
                     self._device_memory()

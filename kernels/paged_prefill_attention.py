@@ -34,29 +34,8 @@ from ._common import (
     kernel_for,
     kv_scales,
     next_pow2,
-    prepare_attention_call,
 )
-
-
-@triton.jit
-def find_query_block(qsl_ptr, num_seqs, qb, BLOCK_Q: tl.constexpr):
-    """Which sequence's queries program `qb` of the flat grid takes: the grid has q_len // BLOCK_Q + 1 blocks
-    per sequence in order (an upper bound needing no host-side table), so it is the last s with
-    qsl[s] // BLOCK_Q + s <= qb, found by a binary search over query_start_loc. Returns (seq, q_begin, q_len,
-    q_block); q_block * BLOCK_Q >= q_len marks a surplus program. (Also called by the Gluon kernel.)"""
-    lo: tl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        v_mid = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        if v_mid <= qb:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    q_begin = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
-    return seq, q_begin, q_len, qb - (q_begin // BLOCK_Q + seq)
+from .prefill_common import find_query_block, prepare_prefill_call
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
@@ -217,16 +196,6 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
     if head_dim >= 128:
         return 256, 64, 16, 4  # H100, 8 x 2048 bf16: 739 us vs 759-775 us at 8 warps / 3 stages
     return 256, 64, 8, 3
-
-
-def prepare_prefill_call(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out):
-    """`prepare_attention_call` plus the prefill's own arguments checked and made int32 contiguous (shared by
-    the Triton and the Gluon kernel): (q, block_tables, out, block_size, num_kv_heads, head_dim, seq_lens,
-    query_start_loc)."""
-    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
-        raise ValueError("query_start_loc must have num_seqs + 1 entries")
-    prepared = prepare_attention_call(q, k_cache, v_cache, block_tables, out, "num_tokens")
-    return (*prepared, seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous())
 
 
 def _use_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

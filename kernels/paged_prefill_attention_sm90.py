@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._common import LOG2E, launch_kernel
-from .paged_prefill_attention import find_query_block, prepare_prefill_call
+from .prefill_common import find_query_block, prepare_prefill_call
 
 ROWS_PER_WARPGROUP = 64
 _SMEM_BYTES = 200 * 1024  # of the 227 KB a Hopper block may use: room for barriers and the epilogue's scratch

@@ -30,14 +30,18 @@ from __future__ import annotations
 
 from enum import Enum
 
+from msgspec import field
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.sampling import SamplingParams
+from protocol.wire import Message
 
 PROTOCOL_VERSION = 1
 
 
 class _Msg(BaseModel):
+    """The messages sent once per worker or request (validated when built)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -77,45 +81,48 @@ class GenerationRequest(_Msg):
     arrival_time: float = 0.0
 
 
-class NewSequence(_Msg):
+
+# ---- the hot path: built every step, validated on decode (protocol/wire.py) ----
+
+class NewSequence(Message, kw_only=True):
     seq_id: int
     request_id: str
     seq_index: int = 0
     prompt_len: int
-    token_ids: list[int] = Field(description="prompt plus tokens already generated (after recompute)")
-    num_computed_tokens: int = Field(0, description="tokens whose K/V is already cached (prefix hit)")
+    token_ids: list[int]  # prompt plus tokens already generated (after recompute)
+    num_computed_tokens: int = 0  # tokens whose K/V is already cached (prefix hit)
     block_table: list[int]
     sampling: SamplingParams
     seed: int
 
 
-class ForkSequence(_Msg):
+class ForkSequence(Message, kw_only=True, gc=False):
     parent_seq_id: int
     child_seq_id: int
     seq_index: int
 
 
-class ScheduledSequence(_Msg):
+class ScheduledSequence(Message, kw_only=True):
     seq_id: int
-    num_tokens: int = Field(description="tokens to compute this step (a prefill chunk, or 1 to decode)")
+    num_tokens: int  # tokens to compute this step (a prefill chunk, or 1 to decode)
     reset_block_table: list[int] | None = None
-    block_updates: list[tuple[int, int]] = Field(default_factory=list)
-    append_token_ids: list[int] = Field(default_factory=list)
+    block_updates: list[tuple[int, int]] = field(default_factory=list)
+    append_token_ids: list[int] = field(default_factory=list)
     sample: bool = True
-    fork_children: list[ForkSequence] = Field(default_factory=list)
+    fork_children: list[ForkSequence] = field(default_factory=list)
 
 
-class StepPlan(_Msg):
+class StepPlan(Message, kw_only=True):
     version: int = PROTOCOL_VERSION
     worker_id: str = ""
     step_id: int
-    freed_seq_ids: list[int] = Field(default_factory=list)
-    swap_out: list[tuple[int, int]] = Field(default_factory=list)
-    swap_in: list[tuple[int, int]] = Field(default_factory=list)
-    block_copies: list[tuple[int, int]] = Field(default_factory=list)
-    new_sequences: list[NewSequence] = Field(default_factory=list)
-    forks: list[ForkSequence] = Field(default_factory=list)
-    scheduled: list[ScheduledSequence] = Field(default_factory=list)
+    freed_seq_ids: list[int] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    new_sequences: list[NewSequence] = field(default_factory=list)
+    forks: list[ForkSequence] = field(default_factory=list)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -126,12 +133,12 @@ class StepPlan(_Msg):
         return not (self.scheduled or self.freed_seq_ids or self.swap_out or self.swap_in or self.block_copies)
 
 
-class TokenLogprob(_Msg):
+class TokenLogprob(Message, kw_only=True, gc=False):
     token_id: int
     logprob: float
 
 
-class SequenceOutput(_Msg):
+class SequenceOutput(Message, kw_only=True):
     seq_id: int
     token_id: int | None = None
     logprob: float | None = None
@@ -140,32 +147,32 @@ class SequenceOutput(_Msg):
     prompt_logprobs: list[list[TokenLogprob] | None] | None = None
 
 
-class StepResult(_Msg):
+class StepResult(Message, kw_only=True):
     version: int = PROTOCOL_VERSION
     worker_id: str = ""
     step_id: int
-    outputs: list[SequenceOutput] = Field(default_factory=list)
+    outputs: list[SequenceOutput] = field(default_factory=list)
     execute_ms: float = 0.0
     error: str | None = None
 
 
-class SequenceOutputDelta(_Msg):
+class SequenceOutputDelta(Message, kw_only=True):
     """New tokens of one completion (one sequence of a request) since the last delta."""
 
     index: int
-    token_ids: list[int] = Field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     top_logprobs: list[list[TokenLogprob]] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
 
-class RequestOutputDelta(_Msg):
+class RequestOutputDelta(Message, kw_only=True):
     """What the scheduler publishes for a request after a step; the gateway/engine detokenises it."""
 
     version: int = PROTOCOL_VERSION
     request_id: str
-    outputs: list[SequenceOutputDelta] = Field(default_factory=list)
+    outputs: list[SequenceOutputDelta] = field(default_factory=list)
     prompt_logprobs: list[list[TokenLogprob] | None] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

@@ -61,6 +61,11 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0 and self.beam_width == 0
 
     @property
+    def has_penalties(self) -> bool:
+        """A repetition, frequency or presence penalty is set (the sampler then needs the token history)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def use_beam_search(self) -> bool:
         return self.beam_width > 0
 

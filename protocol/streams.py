@@ -27,7 +27,6 @@ key                        entries / value                                      
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Literal, TypeVar
@@ -35,6 +34,7 @@ from typing import Literal, TypeVar
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol import wire
 from protocol.messages import PROTOCOL_VERSION, GenerationRequest, WorkerInfo
 
 PREFIX = os.environ.get("PAGEDFLEET_REDIS_PREFIX", "pf:")
@@ -140,13 +140,6 @@ class DeadLetter(_Msg):
 
 M = TypeVar("M", bound=BaseModel | msgspec.Struct)
 
-_STRUCT_ENCODER = msgspec.json.Encoder()
-
-
-@functools.cache
-def _struct_decoder(model: type[msgspec.Struct]) -> msgspec.json.Decoder:
-    return msgspec.json.Decoder(model)
-
 
 def encode(msg: BaseModel | msgspec.Struct) -> dict[str, str]:
     """Fields of a stream entry for one message (a pydantic model or a msgspec Struct).
@@ -156,7 +149,7 @@ def encode(msg: BaseModel | msgspec.Struct) -> dict[str, str]:
     checked on decode.
     """
     if isinstance(msg, msgspec.Struct):
-        body = _STRUCT_ENCODER.encode(msg).decode()
+        body = wire.encode(msg).decode()
     else:
         body = msg.model_dump_json(exclude_defaults=True)
     return {FIELD: body, VERSION_FIELD: str(getattr(msg, "version", PROTOCOL_VERSION))}
@@ -172,7 +165,7 @@ def decode(fields: dict, model: type[M]) -> M:
     if version is not None and int(version) != PROTOCOL_VERSION:
         raise ValueError(f"protocol version {int(version)} is not ours ({PROTOCOL_VERSION})")
     if issubclass(model, msgspec.Struct):
-        return _struct_decoder(model).decode(raw)
+        return wire.decode(raw, model)
     if isinstance(raw, bytes):
         raw = raw.decode()
     return model.model_validate_json(raw)

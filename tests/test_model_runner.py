@@ -310,7 +310,7 @@ def test_decode_graph_staging_matches_eager(backend):
     the graphs replaced by eager runs on the static buffers: same tokens and logprobs as the eager path,
     for batches that pad (5 -> 8, 3 -> 4) and sequences that finish at different steps."""
     from gpu_worker import ModelRunner, WorkerConfig
-    from gpu_worker.model_runner import _CudaGraphs
+    from gpu_worker.cuda_graphs import CudaGraphs
 
     def run(graphs: bool):
         r = ModelRunner(WorkerConfig(model="random:tiny", seed=5, num_gpu_blocks=64, num_cpu_blocks=0,
@@ -321,7 +321,7 @@ def test_decode_graph_staging_matches_eager(backend):
 
             r.backend = TritonAttentionBackend()
         if graphs:
-            r.cuda_graphs = _CudaGraphs(r, emulate=True)
+            r.cuda_graphs = CudaGraphs(r, emulate=True)
         d = Driver(r, chunk=64)
         for i, (n, m) in enumerate([(3, 6), (40, 9), (17, 4), (70, 7), (5, 8)]):
             d.add(i, [(7 * i + 3 * j) % 500 + 1 for j in range(n)], SamplingParams(temperature=0.0, max_tokens=m))

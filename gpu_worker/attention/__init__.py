@@ -1,4 +1,5 @@
-from gpu_worker.attention.backend import AttentionBackend, get_backend
+from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
+from gpu_worker.attention.registry import get_backend
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "get_backend"]

@@ -1,4 +1,4 @@
-"""The attention backend interface and its registry.
+"""The attention backend interface (the backends and their lookup: attention/registry.py).
 
 A backend writes the new tokens' K/V into the paged cache (``write_kv``) and computes attention of the
 new queries over each sequence's whole context read through the block table (``forward``). Caches are
@@ -28,31 +28,3 @@ class AttentionBackend:
                 scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """query [num_tokens, q_heads, head_dim] -> [num_tokens, q_heads, head_dim]."""
         raise NotImplementedError
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        import gpu_worker.attention.triton_backend  # noqa: F401
-        import kernels  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> AttentionBackend:
-    dev = torch.device(device)
-    if name == "auto":
-        name = "triton" if dev.type == "cuda" and _triton_importable() else "torch"
-    if name == "torch":
-        from gpu_worker.attention.torch_backend import TorchAttentionBackend
-
-        return TorchAttentionBackend()
-    if name == "triton":
-        if dev.type != "cuda":
-            raise ValueError("attention_backend: 'triton' needs device 'cuda'")
-        from gpu_worker.attention.triton_backend import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"attention_backend: unknown backend {name!r} (auto, torch, triton)")
