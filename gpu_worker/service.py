@@ -96,7 +96,8 @@ class WorkerService:
 
     # ---- setup --------------------------------------------------------------------------------
     def build_runner(self):
-        from gpu_worker import ModelRunner, WorkerConfig
+        from gpu_worker import WorkerConfig
+        from gpu_worker.tp_group import start_runner
 
         a = self.args
         kw = dict(model=a.model, device=a.device, gpu_memory_utilization=a.gpu_memory_utilization,
@@ -108,8 +109,16 @@ class WorkerService:
                 kw[name] = v
         if a.device == "cpu" and a.threads:
             kw["num_threads"] = a.threads
-        self.runner = ModelRunner(WorkerConfig(**kw), worker_id=self.worker_id)
+        kw["tensor_parallel_size"] = a.tensor_parallel_size
+        self.runner = start_runner(WorkerConfig(**kw), worker_id=self.worker_id, on_rank_exit=self._rank_exited)
         return self.runner
+
+    def _rank_exited(self, rank: int, exitcode: int | None) -> None:
+        """A rank of our tensor-parallel group died: the group cannot compute any more. Unregister (the
+        scheduler declares us dead now and resumes our requests elsewhere) and exit (a supervisor restarts us)."""
+        log.error("tensor-parallel rank %d exited (code %s): unregistering and exiting", rank, exitcode)
+        self.unregister()
+        os._exit(1)
 
     def start_metrics(self) -> str | None:
         port = self.args.metrics_port if self.args.metrics_port else _free_port()
@@ -184,7 +193,7 @@ class WorkerService:
                 log.warning("heartbeat failed: %s", e)
 
     def restart_incarnation(self) -> None:
-        self.runner.seqs.clear()
+        self.runner.clear_sequences()
         self.incarnation = uuid.uuid4().hex
         self.register(self.metrics_url)
         self.reregister.clear()
@@ -272,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tensor-parallel-size", type=int, default=int(env("PAGEDFLEET_TENSOR_PARALLEL_SIZE", "1")),
+                   help="ranks of this worker's tensor-parallel group (one process each; one worker to the scheduler)")
     p.add_argument("--metrics-port", type=int, default=int(env("PAGEDFLEET_WORKER_METRICS_PORT", "0")),
                    help="Prometheus port (0: a free one)")
     p.add_argument("--advertise-host", default=env("PAGEDFLEET_ADVERTISE_HOST", "127.0.0.1"),
@@ -303,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         svc.stop.set()
         svc.unregister()
+        getattr(svc.runner, "close", lambda: None)()  # a tensor-parallel group's other ranks
     return 0
 
 

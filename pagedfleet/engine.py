@@ -88,9 +88,13 @@ class LLMEngine:
         worker_kwargs.update(config.extra_worker)
         self.runner = start_runner(WorkerConfig(**worker_kwargs), worker_id="local")
         self.worker_info = self.runner.info
-        self.scheduler = Scheduler(
-            SchedulerConfig(**{name: getattr(config, name) for name in _SCHEDULER_OPTIONS}), self.worker_info
-        )
+        try:
+            self.scheduler = Scheduler(
+                SchedulerConfig(**{name: getattr(config, name) for name in _SCHEDULER_OPTIONS}), self.worker_info
+            )
+        except BaseException:
+            self.close()  # a tensor-parallel group's other ranks go too
+            raise
         self.max_model_len = self.worker_info.max_model_len
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()

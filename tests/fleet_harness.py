@@ -157,11 +157,12 @@ class Fleet:
                                         "--http-host", "127.0.0.1", "--max-model-len", str(self.max_model_len),
                                         "--lease-ttl", "2", *self.scheduler_args])
 
-    def start_worker(self, i: int) -> subprocess.Popen:
+    def start_worker(self, i: int, extra_args: list[str] = ()) -> subprocess.Popen:
+        """``extra_args``: this worker's own options after the fleet's (e.g. ``["--tensor-parallel-size", "2"]``)."""
         return self.start(f"worker{i}", [PY, "-m", "gpu_worker.service", "--worker-id", f"worker{i}", "--device", "cpu",
                                          "--num-gpu-blocks", str(self.num_gpu_blocks), "--threads", "1",
                                          "--max-model-len", str(self.max_model_len), "--metrics-port", "0",
-                                         *self.worker_args])
+                                         *self.worker_args, *extra_args])
 
     def start_gateway(self, name: str = "gateway", port: int | None = None) -> subprocess.Popen:
         port = port or self.gateway_port

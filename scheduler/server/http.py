@@ -40,6 +40,7 @@ def block_map(state: ServiceState) -> dict:
         entry = dict(h.sched.block_map())
         entry.setdefault("worker_id", wid)
         entry.setdefault("model", h.reg.info.model)
+        entry.setdefault("tensor_parallel_size", h.reg.info.tensor_parallel_size)  # a TP group is one worker
         workers.append(_jsonable(entry))
     return {"workers": workers}
 
