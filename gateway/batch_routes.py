@@ -31,6 +31,7 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    output_expires_after: dict[str, Any] | None = None  # accepted; outputs are kept RECORD_TTL_S
 
 
 def _celery(request: Request):

@@ -93,6 +93,7 @@ async def run_batch_once(settings: GatewaySettings, batch_id: str) -> str | None
             await runner.release()
     finally:
         await fleet.aclose()
+        await r.connection_pool.disconnect()
 
 
 def sweep_once(app: Celery, r, settings: GatewaySettings) -> list[str]:
