@@ -87,10 +87,8 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
     app.state.settings = settings
     app.state.auth_enabled = bool(keys)
     app.state.metrics = None
-    app.include_router(routes.router)
-    app.include_router(job_routes.router)
-    app.include_router(files_routes.router)
-    app.include_router(batch_routes.router)
+    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router):
+        app.include_router(router)
 
     try:
         from gateway.metrics import gateway_metrics

@@ -220,3 +220,32 @@ def test_other_keys_see_no_batch_file_or_request_id(fleet, client):
     assert raw_get(fleet, f"/v1/jobs/{job['id']}", KEYS[1]).status_code == 404
     httpx.delete(fleet.url + f"/v1/jobs/{job['id']}", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=10)
     wait_batch(client, b.id, lambda b: b.status == "completed")
+
+
+def test_file_store_in_a_directory(tmp_path):
+    """With `files_dir` set, a file's bytes live in that directory (written whole, then renamed)."""
+    import asyncio
+
+    from fleet_harness import RedisServer
+    from gateway.file_store import FileStore
+    from gateway.settings import GatewaySettings
+    from protocol.redis_conn import async_client
+
+    redis = RedisServer(tmp_path / "redis")
+
+    async def scenario():
+        r = async_client(redis.url, decode_responses=True)
+        store = FileStore(r, GatewaySettings(redis_url=redis.url, files_dir=str(tmp_path / "files")))
+        obj = await store.create("owner-a", "in.jsonl", "batch", b'{"x": 1}\n')
+        assert (tmp_path / "files" / obj["id"]).read_bytes() == b'{"x": 1}\n'
+        assert not await r.exists(f"pf:file:{obj['id']}:data")
+        assert await store.read(obj["id"]) == b'{"x": 1}\n'
+        assert await store.get(obj["id"], "owner-b") is None and (await store.get(obj["id"], "owner-a"))["bytes"] == 9
+        await store.delete(obj["id"], "owner-a")
+        assert not (tmp_path / "files" / obj["id"]).exists() and await store.get(obj["id"], "owner-a") is None
+        await r.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        redis.stop()
