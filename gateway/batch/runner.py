@@ -97,6 +97,8 @@ class BatchRunner:
             return "failed"
         if raw["status"] == "validating" and not await self._validate(lines):
             return "failed"
+        if await self.r.hget(store.batch_key(self.batch_id), "status") == "cancelling":
+            return await self.finish("cancelled")  # cancelled while validating
         if raw["status"] in ("validating", "in_progress"):
             done = set(await self.r.hkeys(store.results_key(self.batch_id)))
             await self._run_lines([ln for ln in lines if str(ln.index) not in done])
@@ -139,8 +141,9 @@ class BatchRunner:
             await store.record_line(self.r, self.batch_id, ln.index, error_line(ln.custom_id, "invalid_request",
                                                                                 ln.error), ok=False)
         await self.r.hset(store.batch_key(self.batch_id), "total", len(lines))
-        return await store.set_status(self.r, self.batch_id, "in_progress",
-                                      unless=store.TERMINAL + ("cancelling", "in_progress"))
+        await store.set_status(self.r, self.batch_id, "in_progress",
+                               unless=store.TERMINAL + ("cancelling", "in_progress"))
+        return True
 
     async def _run_lines(self, pending: list[BatchLine]) -> None:
         sem = asyncio.Semaphore(self.settings.batch_max_in_flight)
