@@ -34,18 +34,23 @@ class FileStore:
         self.redis = redis
         self.dir = Path(settings.files_dir) if settings.files_dir else None
 
-    async def create(self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None) -> dict:
-        """Store `data` and return its FileObject. A given `file_id` (batch outputs) is overwritten."""
+    async def create(self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None,
+                     ttl_s: int | None = None) -> dict:
+        """Store `data` and return its FileObject. A given `file_id` (batch outputs) is overwritten. With
+        `ttl_s` the record (and, in Redis, the bytes) expire; uploads are kept until deleted."""
         file_id = file_id or new_file_id()
-        obj = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-               "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
-               "status_details": None}
+        now = int(time.time())
+        obj = {"id": file_id, "object": "file", "bytes": len(data), "created_at": now,
+               "filename": filename, "purpose": purpose, "status": "processed",
+               "expires_at": now + ttl_s if ttl_s else None, "status_details": None}
         if self.dir is not None:
             await to_thread.run_sync(self._write, file_id, data)
         async with self.redis.pipeline(transaction=True) as p:
             if self.dir is None:
-                p.set(f"{file_key(file_id)}:data", data)
+                p.set(f"{file_key(file_id)}:data", data, ex=ttl_s)
             p.hset(file_key(file_id), mapping={"object": json.dumps(obj), "owner": owner})
+            if ttl_s:
+                p.expire(file_key(file_id), ttl_s)
             await p.execute()
         await add_to_index(self.redis, owner_index("files", owner), file_id, time.time(), INDEX_TTL_S)
         return obj

@@ -185,6 +185,7 @@ class FleetClient:
             p.hset(key, mapping={"meta": meta.model_dump_json(), "status": JobStatus.QUEUED.value,
                                  "updated_at": now, "owner": owner})
             p.zadd(job_index(owner), {meta.job_id: meta.created_at})
+            p.zremrangebyscore(job_index(owner), "-inf", meta.created_at - meta.ttl_s * 2 - 3600)  # long gone
             p.expire(job_index(owner), meta.ttl_s * 2 + 3600)
             # a backstop: housekeeping deletes finished jobs after their TTL; this catches leaks
             p.expire(key, meta.ttl_s * 2 + 3600)

@@ -249,7 +249,8 @@ class BatchRunner:
                                                                                   "error_file_id")):
             if rows:
                 data = "".join(json.dumps(x) + "\n" for x in rows).encode()
-                await self.files.create(self.owner, f"{self.batch_id}_{name}.jsonl", "batch_output", data, fid)
+                await self.files.create(self.owner, f"{self.batch_id}_{name}.jsonl", "batch_output", data, fid,
+                                        ttl_s=store.RECORD_TTL_S)
                 ids[key] = fid
         await store.set_status(self.r, self.batch_id, status, **ids)
         log.info("batch %s %s: %d ok, %d failed", self.batch_id, status, len(good), len(bad))

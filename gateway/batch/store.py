@@ -84,6 +84,7 @@ async def create_batch(r, owner: str, endpoint: str, input_file_id: str, window:
                                              "total": 0, "completed": 0, "failed": 0})
         p.sadd(OPEN, batch_id)
         p.zadd(owner_index("batches", owner), {batch_id: now})
+        p.zremrangebyscore(owner_index("batches", owner), "-inf", now - RECORD_TTL_S)  # their records expired
         p.expire(owner_index("batches", owner), RECORD_TTL_S)
         await p.execute()
     return batch_id
