@@ -158,3 +158,22 @@ def test_token_rate_limit(gateway):
         accepted += 1
     # each job costs its prompt tokens + 100: about TPM / 100 of them fit in the burst
     assert TPM // 120 <= accepted <= TPM // 100, accepted
+
+
+def test_bad_file_and_batch_requests_are_4xx_with_a_message(gateway):
+    h = {"Authorization": f"Bearer {ALICE}"}
+    r = httpx.post(gateway + "/v1/files", json={"purpose": "batch"}, headers=h, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(gateway + "/v1/files", files={"file": ("x.jsonl", b"\xff\xfe")}, data={"purpose": "batch"},
+                   headers=h, timeout=10)
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+    fid = httpx.post(gateway + "/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch"},
+                     headers=h, timeout=10).json()["id"]
+    for body, word in (({"input_file_id": fid, "endpoint": "/v1/embeddings", "completion_window": "24h"}, "endpoint"),
+                       ({"input_file_id": fid, "endpoint": "/v1/completions", "completion_window": "1h"},
+                        "completion_window"),
+                       ({"input_file_id": "file-nope", "endpoint": "/v1/completions"}, "No such File"),
+                       ({"endpoint": "/v1/completions"}, "input_file_id")):
+        r = httpx.post(gateway + "/v1/batches", json=body, headers=h, timeout=10)
+        assert 400 <= r.status_code < 500 and word in r.json()["error"]["message"], r.text
+    assert get(gateway, "/v1/batches/batch_nope", ALICE).status_code == 404
