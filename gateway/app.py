@@ -17,8 +17,10 @@ import redis.asyncio as aioredis
 from protocol.redis_conn import async_client
 from fastapi import FastAPI
 
-from gateway import job_routes, routes
+from gateway import batch_routes, files_routes, job_routes, routes
+from gateway.auth import ApiKeyAuth
 from gateway.body_limit import BodySizeLimit
+from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
 from gateway.responses import TokenText
@@ -64,6 +66,7 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
         pool = r.connection_pool
         app.state.fleet = FleetClient(r, info, settings)
+        app.state.files = FileStore(r, settings)
         app.state.token_text = TokenText(info.tokenizer)
         try:
             from gateway.metrics import gateway_metrics
@@ -77,11 +80,15 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         await pool.aclose()
 
     app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       per_path={"/v1/files": settings.max_file_bytes + 64 * 1024})  # + the multipart framing
+    keys = settings.all_api_keys()
+    app.add_middleware(ApiKeyAuth, keys=keys, settings=settings)  # added last: runs first
     app.state.settings = settings
+    app.state.auth_enabled = bool(keys)
     app.state.metrics = None
-    app.include_router(routes.router)
-    app.include_router(job_routes.router)
+    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router):
+        app.include_router(router)
 
     try:
         from gateway.metrics import gateway_metrics
@@ -122,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--scheduler-url", default=None, help="the scheduler service (default: $PAGEDFLEET_SCHEDULER_URL "
                                                          "or http://127.0.0.1:8001)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="a key clients must send (repeatable; default: $PAGEDFLEET_API_KEY(S); none: open API)")
+    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line")
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in {"host": a.host, "port": a.port, "redis_url": a.redis_url, "model": a.model,
                                    "model_dir": a.model_dir, "served_model_name": a.served_model_name,
-                                   "scheduler_url": a.scheduler_url}.items()
+                                   "scheduler_url": a.scheduler_url, "api_keys": a.api_key,
+                                   "api_key_file": a.api_key_file}.items()
                  if v is not None}
     settings = GatewaySettings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
