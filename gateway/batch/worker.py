@@ -67,7 +67,7 @@ _MODEL_INFO_LOCK = threading.Lock()
 
 def _model_info(settings: GatewaySettings):
     """The served model's tokenizer and limits, loaded once per process (the runs share it)."""
-    from gateway.app import load_model_info
+    from gateway.model_info import load_model_info
 
     with _MODEL_INFO_LOCK:
         if id(settings) not in _MODEL_INFO:
