@@ -27,7 +27,7 @@ tests, or nothing for the default registry that ``prometheus_client`` serves)::
 
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -409,14 +409,7 @@ def _label_sets(metric) -> Iterable[dict[str, str]]:
                 yield dict(zip(metric._labelnames, key))
 
 
-_default: SchedulerMetrics | None = None
-_default_lock = threading.Lock()
-
-
+@functools.cache
 def scheduler_metrics() -> SchedulerMetrics:
     """The process-wide SchedulerMetrics on the default registry (created once)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = SchedulerMetrics()
-        return _default
+    return SchedulerMetrics()
