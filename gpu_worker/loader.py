@@ -43,6 +43,15 @@ def _copy_vocab_rows(dst: torch.Tensor, t: torch.Tensor) -> None:
     dst[t.shape[0]:].zero_()  # padding rows of the last rank: their logits are cut off after the gather
 
 
+def _read_shard(f, name: str, a, rank: int, n: int, vocab_rows: int) -> torch.Tensor:
+    """Only this rank's slice of tensor ``name`` from the open safetensors file ``f``."""
+    sl = f.get_slice(name)
+    full = tuple(sl.get_shape())
+    if name in _VOCAB and full != (a.vocab_size, a.hidden_size):
+        raise ValueError(f"model: weight {name!r} has shape {full}, expected {(a.vocab_size, a.hidden_size)}")
+    return _shard(name, sl, full, rank, n, vocab_rows)
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -69,15 +78,7 @@ def load_weights(model: LlamaForCausalLM, path: str | Path) -> None:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                if n == 1:
-                    t = f.get_tensor(name)
-                else:
-                    sl = f.get_slice(name)
-                    full = tuple(sl.get_shape())
-                    if name in _VOCAB and full != (a.vocab_size, a.hidden_size):
-                        raise ValueError(f"model: weight {name!r} has shape {full}, "
-                                         f"expected {(a.vocab_size, a.hidden_size)}")
-                    t = _shard(name, sl, full, rank, n, vocab_rows)
+                t = f.get_tensor(name) if n == 1 else _read_shard(f, name, a, rank, n, vocab_rows)
                 m = _LAYER.match(name)
                 if m and m.group(2) in _QKV:
                     i = _QKV[m.group(2)]
