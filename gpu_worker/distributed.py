@@ -53,6 +53,8 @@ def init_tensor_parallel(rank: int, size: int, port: int, device: torch.device, 
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timeout)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL binds this rank's communicator to it
     kw = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout, **kw)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD

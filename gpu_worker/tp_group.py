@@ -211,6 +211,6 @@ def follow_rank_zero(rank: int, port: int, config_json: str, worker_id: str, par
             continue
         try:
             runner.execute(wire.decode(data[1:], StepPlan))
-        except ValueError:  # a plan rank 0 refused as well (it reports the error in its StepResult)
+        except Exception:  # rank 0 failed the same way and reports it; a broken group fails the next broadcast
             log.exception("step failed")
     distributed.destroy_tensor_parallel()
