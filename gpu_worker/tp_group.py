@@ -118,9 +118,15 @@ class TensorParallelGroup:
 
     # ---- commands ----------------------------------------------------------------------------
     def _command(self, data: bytes) -> None:
+        self._check_ranks()
         if self.dead:
             raise RuntimeError(f"tensor-parallel group is down: {self.dead}")
         distributed.broadcast_bytes(data)
+
+    def _check_ranks(self) -> None:
+        for rank, p in enumerate(self.procs, start=1):
+            if not self.dead and not p.is_alive():
+                self.dead = f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.busy_since = time.monotonic()
@@ -128,6 +134,7 @@ class TensorParallelGroup:
             self._command(b"P" + wire.encode(plan))
             return self.runner.execute(plan)
         except RuntimeError as e:
+            self._check_ranks()
             if self.dead:
                 raise RuntimeError(f"tensor-parallel group is down: {self.dead}") from e
             raise
@@ -164,7 +171,7 @@ class TensorParallelGroup:
             return
         rank, p = sentinels[ready[0]]
         p.join(1.0)
-        self.dead = f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        self.dead = self.dead or f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
         log.error("tensor-parallel %s: the group goes down", self.dead)
         if self.on_rank_exit is not None:
             self.on_rank_exit(rank, p.exitcode)

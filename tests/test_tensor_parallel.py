@@ -101,6 +101,25 @@ def test_tp2_fp8_weights_and_fp8_kv_cache_run_sharded():
     assert (exact.max() - exact.min()).item() > 10 * fp8_error
 
 
+def test_a_dead_rank_takes_the_group_down_with_a_clear_error():
+    """SIGKILL rank 1 of an offline group: the next step raises, naming the rank (no hang)."""
+    import os
+    import signal
+
+    torch.set_num_threads(1)
+    llm = _llm("random:tiny", 2, num_gpu_blocks=32, max_num_seqs=8)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        assert len(llm.generate([[1, 5, 7]], params)[0].outputs[0].token_ids) == 2
+        rank1 = llm.engine.runner.procs[0]
+        os.kill(rank1.pid, signal.SIGKILL)
+        rank1.join(10)
+        with pytest.raises(RuntimeError, match=r"tensor-parallel group is down: rank 1 .* exited with code -9"):
+            llm.generate([[1, 5, 8]], params)
+    finally:
+        llm.engine.close()
+
+
 @pytest.mark.parametrize("model,tp,numbers", [
     (None, 2, ("tensor_parallel_size 2", "num_attention_heads (9)", "num_key_value_heads (3)")),
     ("random:tiny", 3, ("tensor_parallel_size 3", "num_attention_heads (4)", "num_key_value_heads (2)")),
