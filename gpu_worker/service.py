@@ -304,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    svc.build_runner()
+    try:
+        svc.build_runner()
+    except ValueError as e:  # a configuration the model cannot run, e.g. heads the tensor-parallel size does not divide
+        log.error("%s", e)
+        return 2
     metrics_url = svc.start_metrics()
     svc.register(metrics_url)
     hb = threading.Thread(target=svc.heartbeat_loop, name="heartbeat", daemon=True)

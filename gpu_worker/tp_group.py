@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable
 
 import torch
+import torch.multiprocessing as mp
 
 from gpu_worker import distributed
 from gpu_worker.config import WorkerConfig
@@ -82,7 +83,7 @@ class TensorParallelGroup:
         self._set(config=config, on_rank_exit=on_rank_exit, dead=None, stopping=False, busy_since=None,
                   runner=None)
         store = distributed.open_store(n, timeout_s)
-        ctx = torch.multiprocessing.get_context("spawn")
+        ctx = mp.get_context("spawn")
         cfg = json.dumps(dataclasses.asdict(config))  # the config goes over as JSON, nothing pickled of ours
         self._set(procs=[ctx.Process(target=follow_rank_zero, name=f"tp-rank-{r}", daemon=True,
                                      args=(r, store.port, cfg, worker_id, os.getpid()))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from protocol import SamplingParams
+from protocol import streams as S
 
 MAX_NEW = 6
 
@@ -141,3 +142,21 @@ def test_cli_generate_with_tensor_parallel_size(capsys):
     assert main(["generate", "--model", "random:tiny", "--prompt", "x", "--max-tokens", "3", "--json",
                  "--tensor-parallel-size", "3"]) == 2
     assert "num_attention_heads (4)" in capsys.readouterr().err
+
+
+def test_worker_service_refuses_heads_that_do_not_divide(tmp_path):
+    import subprocess
+    import sys
+
+    from fleet_harness import REPO, RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    try:
+        p = subprocess.run([sys.executable, "-m", "gpu_worker.service", "--redis-url", redis.url, "--worker-id", "w",
+                            "--tensor-parallel-size", "2", "--num-gpu-blocks", "8"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert "num_attention_heads (9)" in p.stderr and "tensor_parallel_size 2" in p.stderr
+        assert redis.client().hlen(S.WORKERS) == 0  # never registered
+    finally:
+        redis.stop()
