@@ -190,6 +190,12 @@ class SchedulerMetrics:
         self.stream_dead_lettered = Counter("pagedfleet_stream_dead_lettered",
                                             "Entries moved to the dead-letter stream.", ("stream",), registry=reg)
 
+        # autoscaling (KEDA: deploy/kubernetes/components/keda); the formula: scheduler/server/autoscale.py
+        self.desired_workers = Gauge("pagedfleet_desired_workers",
+                                     "Workers the load asks for: KV blocks in use over the target utilisation "
+                                     "of one worker's blocks, plus waiting requests over the target queue.",
+                                     registry=reg)
+
         # workers
         self.worker_up = g("pagedfleet_worker_up", "1 while the worker is registered and heartbeating.")
         self.heartbeat_age = g("pagedfleet_worker_heartbeat_age_seconds", "Seconds since the last heartbeat.")

@@ -84,6 +84,10 @@ class WorkerRegistry:
                 await self.declare_dead(h, "missed heartbeats" if beats.get(wid) != h.reg.incarnation
                                         else "re-registered")
         for wid, reg in regs.items():
+            h = s.workers.get(wid)
+            if h is not None and reg.draining and not h.reg.draining:  # the same incarnation, now draining
+                log.info("worker %s draining: no new requests placed on it (%d running)", wid, len(h.requests))
+                h.reg = reg
             if wid in s.workers or beats.get(wid) != reg.incarnation:
                 continue
             await self.add_worker(reg)
