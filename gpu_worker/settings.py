@@ -35,6 +35,8 @@ class WorkerSettings(ServiceSettings):
     max_num_seqs: int | None = Field(None, description="largest decode batch (CUDA graphs are captured up to it)")
     max_num_batched_tokens: int | None = Field(None, description="CUDA: the profiling forward's size")
     seed: int | None = None
+    tensor_parallel_size: int = Field(1, ge=1, le=1, description="GPUs per worker: only 1 until tensor "
+                                                                 "parallelism exists")
     threads: int | None = Field(None, description="torch CPU threads")
     worker_metrics_port: int = Field(0, description="Prometheus port (0: a free one)")
     worker_metrics_host: str = Field(INTERNAL_HOST, description="address the Prometheus port binds "

@@ -32,13 +32,13 @@ def formatter(fmt: LogFormat = "text") -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
-def setup_logging(level: str = "INFO", fmt: LogFormat = "text", stream=None) -> None:
+def setup_logging(level: str | int = "INFO", fmt: LogFormat = "text", stream=None) -> None:
     """One handler on the root logger (stderr by default); uvicorn's loggers propagate to it."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(str(level).upper())
+    root.setLevel(level if isinstance(level, int) else str(level).upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
         lg.handlers[:] = []
