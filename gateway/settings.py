@@ -19,7 +19,7 @@ class GatewaySettings(ServiceSettings):
     model_dir: str | None = Field(None, description="resolved model directory (tokenizer); skips resolve_model")
     served_model_name: str | None = Field(None, description="name clients pass as `model` (default: the model's name)")
     host: str = Field("0.0.0.0", description="the public API's address")
-    port: int = 8000
+    port: int = Field(8000, description="the public API's port")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=AliasChoices("api_keys", "PAGEDFLEET_API_KEYS", "PAGEDFLEET_API_KEY"),
         description="keys a request must carry (Authorization: Bearer KEY); comma-separated; empty: no check")

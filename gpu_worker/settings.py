@@ -20,21 +20,23 @@ class WorkerSettings(ServiceSettings):
 
     worker_id: str | None = Field(None, description="this worker's id (default: hostname-pid)")
     model: str | None = Field(None, description="model spec (default: the embedded SmolLM2-135M-Instruct)")
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: the GPU CUDA_VISIBLE_DEVICES names first")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="model dtype (auto: float32 on the CPU, bfloat16 on CUDA)")
     block_size: int = Field(16, description="tokens per KV-cache block (a power of two)")
     num_gpu_blocks: int | None = Field(None, description="KV-cache blocks (default: sized from memory)")
     num_cpu_blocks: int | None = Field(None, description="swap space in blocks")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="CUDA: fraction of the device used")
-    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] | None = None
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] | None = Field(
+        None, description="auto: the model dtype; fp8: float8_e4m3fn blocks with per-layer scales")
     quantization: Literal["none", "fp8"] | None = Field(
         None, description="fp8: decoder weights in float8_e4m3fn, activations quantized per token")
-    attention_backend: Literal["auto", "torch", "triton"] | None = None
+    attention_backend: Literal["auto", "torch", "triton"] | None = Field(
+        None, description="auto: triton on CUDA when importable, else torch")
     max_model_len: int | None = Field(None, description="context length (default: the model's)")
     max_num_seqs: int | None = Field(None, description="largest decode batch (CUDA graphs are captured up to it)")
     max_num_batched_tokens: int | None = Field(None, description="CUDA: the profiling forward's size")
-    seed: int | None = None
+    seed: int | None = Field(None, description="seed of random weights (random:<shape> models)")
     tensor_parallel_size: int = Field(1, ge=1, le=1, description="GPUs per worker: only 1 until tensor "
                                                                  "parallelism exists")
     threads: int | None = Field(None, description="torch CPU threads")

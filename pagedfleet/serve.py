@@ -88,27 +88,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="the same, as a flag")
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model`")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU with --device cuda)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="workers' device")
     p.add_argument("--host", default="0.0.0.0", help="gateway bind address")
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--api-key", action="append", default=None,
                    help="a key clients must send (Authorization: Bearer KEY); repeat for several; given to the "
                         "gateway through its environment (PAGEDFLEET_API_KEYS), never on a command line")
     # the engine: as vLLM spells them
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default=None, choices=["none", "fp8"])
-    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "fp8_e4m3"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: float32 on the CPU, bfloat16 on CUDA)")
+    p.add_argument("--quantization", default=None, choices=["none", "fp8"], help="fp8: FP8 decoder weights")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: FP8 KV-cache blocks")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests one worker runs at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens one step computes at most")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="share the KV blocks of common prompt prefixes (default: on)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per worker (only 1 for now)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--num-gpu-blocks", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--policy", default="fcfs", choices=["fcfs", "priority"])
+    p.add_argument("--seed", type=int, default=None, help="workers' seed (random weights)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: fraction of each GPU used")
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="KV-cache blocks per worker (default: from memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--policy", default="fcfs", choices=["fcfs", "priority"], help="scheduling policy")
     p.add_argument("--threads-per-worker", type=int, default=None, help="torch CPU threads per worker")
     # the fleet
     p.add_argument("--scheduler-port", type=int, default=8001, help="scheduler HTTP (/metrics, /sd, /block-map), "
@@ -129,7 +131,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-retries", type=int, default=5,
                    help="a process that dies within 5 s of starting is retried this often (1 s, 2 s, ... apart)"
                         " before it is given up; one that ran longer is always restarted")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="every service's log level")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="every service's log lines")
 
 

@@ -15,7 +15,8 @@ LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 # attributes every LogRecord has: anything else on a record came from ``extra=`` and goes into the JSON
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                       "color_message"}  # uvicorn's ANSI copy
 
 
 class JsonFormatter(logging.Formatter):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from protocol.logs import LogFormat, setup_logging
@@ -36,8 +36,13 @@ class ServiceSettings(BaseSettings):
 
     @classmethod
     def from_cli(cls: type[T], argv: list[str] | None = None) -> T:
-        """Environment, then the command line (``argv``; None: sys.argv[1:])."""
-        return CliApp.run(cls, cli_args=argv)
+        """Environment, then the command line (``argv``; None: sys.argv[1:]). A bad value exits with a
+        one-line message per setting (as argparse does), not a traceback."""
+        try:
+            return CliApp.run(cls, cli_args=argv)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise SystemExit(f"{cls.model_config.get('cli_prog_name')}: error: {problems}") from None
 
     def setup_logging(self) -> None:
         setup_logging(self.log_level, self.log_format)

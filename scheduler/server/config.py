@@ -25,13 +25,14 @@ class SchedulerSettings(ServiceSettings):
                                                            "network: compose, Kubernetes)")
     scheduler_port: int = Field(8001, description="HTTP: /metrics, /sd, /block-map, /v1/workers, /stats, /health")
     # the policy (one Scheduler per worker)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    chunked_prefill: bool = True
-    prefix_caching: bool = True
-    policy: Literal["fcfs", "priority"] = "fcfs"
-    preemption_mode: Literal["auto", "swap", "recompute"] = "auto"
-    max_model_len: int | None = None
+    max_num_seqs: int = Field(256, description="most requests one worker runs at once")
+    max_num_batched_tokens: int = Field(2048, description="tokens one step computes at most (a prefill is chunked)")
+    chunked_prefill: bool = Field(True, description="split long prompts over steps, decodes alongside")
+    prefix_caching: bool = Field(True, description="share the KV blocks of common prompt prefixes")
+    policy: Literal["fcfs", "priority"] = Field("fcfs", description="which waiting request goes first")
+    preemption_mode: Literal["auto", "swap", "recompute"] = Field(
+        "auto", description="out of KV blocks: swap to CPU blocks or recompute later (auto: swap when it fits)")
+    max_model_len: int | None = Field(None, description="context limit (default: each worker's)")
     # the fleet
     monitor_interval: float = Field(0.25, description="seconds between liveness checks")
     max_resumes: int = Field(3, description="a request that loses more workers fails")
