@@ -1,7 +1,8 @@
 """Draining a worker (SIGTERM, e.g. Kubernetes scaling down): it re-registers with ``draining: true``, so the
 scheduler places nothing new on it (scheduler/server/placement.py); it keeps executing plans until no
 accepted request is placed on it any more (``pf:active`` names each unfinished request's worker), then
-stops. Past ``drain_timeout_s`` it stops anyway: it unregisters, the scheduler declares it gone and resumes
+stops; at once if no scheduler holds the lease (the fleet is stopping: nobody would finish them). Past
+``drain_timeout_s`` it stops anyway: it unregisters, the scheduler declares it gone and resumes
 what it still had on other workers (recompute), so nothing is lost either way. A second SIGTERM (or SIGINT)
 stops at once, the same way."""
 
@@ -42,6 +43,9 @@ class Drain:
             idle_checks = 0
             while idle_checks < 2 and not svc.stop.is_set():  # two empty looks, POLL_S apart
                 left = self.placed_requests()
+                if left is None:  # the fleet is stopping (or failing over): whoever takes over resumes the rest
+                    log.info("worker %s: no scheduler holds the lease; stopping", svc.worker_id)
+                    break
                 idle_checks = idle_checks + 1 if left == 0 else 0
                 if time.monotonic() > deadline:
                     log.warning("drain timeout: handing %d request(s) back to the scheduler", left)
@@ -60,13 +64,16 @@ class Drain:
         reg.registered_at = S.WorkerRegistration.model_validate_json(svc._reg_json).registered_at
         svc._reg_json = reg.model_dump_json()  # before the write: the heartbeat compares against it
         svc.r.hset(S.WORKERS, svc.worker_id, svc._reg_json)
-        log.info("worker %s draining: no new requests; finishing %d running (timeout %.0f s)", svc.worker_id,
+        log.info("worker %s draining: no new requests; finishing %s running (timeout %.0f s)", svc.worker_id,
                  self.placed_requests(), self.timeout_s)
 
-    def placed_requests(self) -> int:
-        """How many accepted, unfinished requests the scheduler has placed on this worker."""
+    def placed_requests(self) -> int | None:
+        """How many accepted, unfinished requests the scheduler has placed on this worker (None: there is no
+        scheduler to finish them)."""
         r = sync_client(self.svc.args.redis_url, decode_responses=True)
         try:
+            if not r.exists(S.SCHEDULER_INFO):
+                return None
             n = 0
             for raw in r.hvals(S.ACTIVE):
                 try:

@@ -87,7 +87,8 @@ async def serve_http(state: ServiceState) -> None:
     """Serve until the service stops."""
     s = state.settings
     server = _Server(uvicorn.Config(build_http_app(state), host=s.scheduler_host, port=s.scheduler_port,
-                                    log_level="warning", lifespan="off"))
+                                    log_level="warning", lifespan="off",
+                                    log_config=None, access_log=False))  # logging: protocol/logs.py
     task = asyncio.create_task(server.serve())
     await state.stopping.wait()
     server.should_exit = True
