@@ -1,5 +1,7 @@
 """The GPU worker service: `python -m gpu_worker.service --device cpu|cuda --model ... --gpu-memory-utilization ...`
 
+Settings: ``WorkerSettings`` (gpu_worker/settings.py): environment ``PAGEDFLEET_*`` and the same names as flags.
+
 Builds a ModelRunner, registers its WorkerInfo in Redis (``pf:workers``), heartbeats from a thread
 (``pf:hb:{worker_id}``, a key with a TTL holding this start's incarnation), then reads StepPlans from
 its plan stream (consumer group ``worker``), executes them in order and answers StepResults on the
@@ -7,11 +9,11 @@ results stream. A plan is acknowledged in the same Redis transaction that publis
 Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one), advertised as
 ``--advertise-host`` (``auto``: this machine's / container's address on the network that reaches Redis).
 Each step reports its execute time and the time of its KV transfers (swap out, swap in, copy-on-write).
+SIGTERM drains (gpu_worker/drain.py): no new requests, the running ones finish (or are handed back), then exit.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -26,6 +28,8 @@ import redis
 
 from protocol import StepPlan, StepResult
 from protocol import streams as S
+from gpu_worker.drain import Drain
+from gpu_worker.settings import WorkerSettings
 
 log = logging.getLogger("pagedfleet.worker")
 
@@ -80,8 +84,9 @@ def wait_for_redis(url: str, timeout_s: float = 60.0) -> redis.Redis:
 
 
 class WorkerService:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: WorkerSettings):
         self.args = args
+        self.draining = False  # set by Drain: the registration says so and placement skips this worker
         self.worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.r = wait_for_redis(args.redis_url)
         self.hb_r = redis.Redis.from_url(args.redis_url, decode_responses=True)
@@ -102,7 +107,7 @@ class WorkerService:
         kw = dict(model=a.model, device=a.device, gpu_memory_utilization=a.gpu_memory_utilization,
                   block_size=a.block_size)
         for name in ("dtype", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_dtype", "quantization",
-                     "attention_backend", "max_model_len", "seed"):
+                     "attention_backend", "max_model_len", "seed", "max_num_seqs", "max_num_batched_tokens"):
             v = getattr(a, name)
             if v is not None:
                 kw[name] = v
@@ -112,13 +117,13 @@ class WorkerService:
         return self.runner
 
     def start_metrics(self) -> str | None:
-        port = self.args.metrics_port if self.args.metrics_port else _free_port()
+        port = self.args.worker_metrics_port or _free_port()
         host = resolve_advertise_host(self.args.advertise_host, self.args.redis_url)
         try:
             from gpu_worker.metrics import WorkerMetrics
 
             self.metrics = WorkerMetrics(self.runner.info)
-            self.metrics.start_metrics_server(port)
+            self.metrics.start_metrics_server(port, addr=self.args.worker_metrics_host)
             self._instrument_runner()
         except Exception as e:  # pragma: no cover - metrics must never stop a worker
             log.warning("metrics server not started: %s", e)
@@ -145,7 +150,7 @@ class WorkerService:
 
     def registration(self, metrics_url: str | None) -> S.WorkerRegistration:
         return S.WorkerRegistration(info=self.runner.info, incarnation=self.incarnation, metrics_url=metrics_url,
-                                    host=socket.gethostname(), pid=os.getpid())
+                                    host=socket.gethostname(), pid=os.getpid(), draining=self.draining)
 
     def register(self, metrics_url: str | None) -> None:
         self.metrics_url = metrics_url
@@ -154,7 +159,7 @@ class WorkerService:
         p = self.r.pipeline(transaction=True)
         p.delete(self.plan_stream)  # plans of an earlier start are meaningless now
         p.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True)
-        p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl * 1000))
+        p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl_s * 1000))
         p.hset(S.WORKERS, self.worker_id, self._reg_json)
         p.execute()
         log.info("worker %s registered (incarnation %s, %d GPU blocks)", self.worker_id, self.incarnation,
@@ -162,9 +167,9 @@ class WorkerService:
 
     # ---- heartbeat ----------------------------------------------------------------------------
     def heartbeat_loop(self) -> None:
-        ttl_ms = int(self.args.heartbeat_ttl * 1000)
+        ttl_ms = int(self.args.heartbeat_ttl_s * 1000)
         key = S.heartbeat_key(self.worker_id)
-        while not self.stop.wait(self.args.heartbeat_interval):
+        while not self.stop.wait(self.args.heartbeat_interval_s):
             if self.reregister.is_set():
                 continue  # the main loop is starting a new incarnation
             try:
@@ -252,46 +257,16 @@ class WorkerService:
             pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m gpu_worker.service", description="PagedFleet GPU worker")
-    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--worker-id", default=env("PAGEDFLEET_WORKER_ID"))
-    p.add_argument("--model", default=env("PAGEDFLEET_MODEL"))
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-gpu-blocks", type=int, default=None)
-    p.add_argument("--num-cpu-blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float,
-                   default=float(env("PAGEDFLEET_GPU_MEMORY_UTILIZATION", "0.9")))
-    p.add_argument("--kv-cache-dtype", default=None)
-    p.add_argument("--quantization", default=env("PAGEDFLEET_QUANTIZATION") or None, choices=[None, "none", "fp8"],
-                   help="fp8: decoder weights in float8_e4m3fn, activations quantized per token")
-    p.add_argument("--attention-backend", default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--metrics-port", type=int, default=int(env("PAGEDFLEET_WORKER_METRICS_PORT", "0")),
-                   help="Prometheus port (0: a free one)")
-    p.add_argument("--advertise-host", default=env("PAGEDFLEET_ADVERTISE_HOST", "127.0.0.1"),
-                   help="host Prometheus scrapes this worker's /metrics at; 'auto': this container's address "
-                        "(the local address of the route to Redis)")
-    p.add_argument("--heartbeat-interval", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_INTERVAL_S", "0.5")))
-    p.add_argument("--heartbeat-ttl", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_TTL_S", "3.0")))
-    p.add_argument("--log-level", default="INFO")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    svc = WorkerService(args)
+    settings = WorkerSettings.from_cli(argv)
+    settings.setup_logging()
+    svc = WorkerService(settings)
+    drain = Drain(svc, settings.drain_timeout_s)
 
     def _stop(signum, frame):
         svc.stop.set()
 
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, lambda signum, frame: drain.start())  # scale-down: finish, then exit
     signal.signal(signal.SIGINT, _stop)
     svc.build_runner()
     metrics_url = svc.start_metrics()

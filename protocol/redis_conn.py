@@ -91,8 +91,8 @@ def async_client(url: str, *, max_block_ms: int = 0, stall_tolerance_s: float = 
     opts["retry"] = AsyncRetry(_backoff(), RETRIES, supported_errors=OUTAGE_ERRORS)
     opts.update(kw)
     pool_class = opts.pop("connection_pool_class", None)
-    if pool_class is not None:  # redis-py 8 no longer takes it in Redis.from_url: build the pool ourselves
-        return aioredis.Redis(connection_pool=pool_class.from_url(url, **opts))
+    if pool_class is not None:  # redis-py 8's Redis.from_url no longer takes it: build the pool here
+        return aioredis.Redis(connection_pool=pool_class.from_url(url, **opts), retry=opts["retry"])
     return aioredis.Redis.from_url(url, **opts)
 
 

@@ -112,6 +112,7 @@ class WorkerRegistration(_Msg):
     host: str = ""
     pid: int = 0
     registered_at: float = Field(default_factory=time.time)
+    draining: bool = Field(False, description="shutting down: takes no new requests, finishes its running ones")
 
 
 class ActiveRequest(_Msg):

@@ -41,6 +41,7 @@ from scheduler.server.publishing import Publisher
 from scheduler.server.recovery import Recovery
 from scheduler.server.registry import Lease, WorkerRegistry
 from scheduler.server.state import ServiceState
+from scheduler.server.stats_log import StatsLog
 from scheduler.server.step_loop import StepLoop
 from scheduler.server.stream_trim import safe_trim_minid
 
@@ -64,6 +65,7 @@ class SchedulerService(ServiceState):
                                        self.placement.place_orphans)
         self.intake = Intake(self, self.placement, self.publisher)
         self.lease = Lease(self, self.instance)
+        self.stats_log = StatsLog(self)
         self._last_trim = 0.0
 
     async def connect(self) -> None:
@@ -122,10 +124,11 @@ class SchedulerService(ServiceState):
         await self.recovery.bounce_workers()
         await self.recovery.recover_active()
         loops = {"lease": self.lease.keep, "monitor": self.monitor_loop, "requests": self.intake.requests_loop,
-                 "results": self.step_loop.results_loop}
+                 "results": self.step_loop.results_loop, "stats": self.stats_log.loop}
         tasks = [asyncio.create_task(self._outlasting_outages(name, fn), name=name) for name, fn in loops.items()]
         tasks.append(asyncio.create_task(serve_http(self), name="http"))
-        log.info("scheduler %s up (http :%d)", self.instance, self.settings.scheduler_port)
+        log.info("scheduler %s up (http %s:%d)", self.instance, self.settings.scheduler_host,
+                 self.settings.scheduler_port)
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(tasks + [stop], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -164,7 +167,7 @@ class SchedulerService(ServiceState):
 
 def main(argv: list[str] | None = None) -> int:
     settings = SchedulerSettings.from_cli(argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings.setup_logging()
 
     async def _main():
         svc = SchedulerService(settings, scheduler_metrics())

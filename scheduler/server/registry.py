@@ -81,9 +81,14 @@ class WorkerRegistry:
         for wid, h in list(s.workers.items()):
             reg = regs.get(wid)
             if beats.get(wid) != h.reg.incarnation or reg is None or reg.incarnation != h.reg.incarnation:
-                await self.declare_dead(h, "missed heartbeats" if beats.get(wid) != h.reg.incarnation
-                                        else "re-registered")
+                reason = ("unregistered: it stopped" if reg is None else "missed heartbeats"
+                          if beats.get(wid) != h.reg.incarnation else "re-registered")
+                await self.declare_dead(h, reason)
         for wid, reg in regs.items():
+            h = s.workers.get(wid)
+            if h is not None and reg.draining and not h.reg.draining:  # the same incarnation, now draining
+                log.info("worker %s draining: no new requests placed on it (%d running)", wid, len(h.requests))
+                h.reg = reg
             if wid in s.workers or beats.get(wid) != reg.incarnation:
                 continue
             await self.add_worker(reg)

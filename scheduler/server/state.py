@@ -16,6 +16,7 @@ from protocol.jobs import JobStatus
 from scheduler.scheduler import Scheduler
 from scheduler.server.config import SchedulerSettings
 from scheduler.server.metrics import SchedulerMetrics
+from scheduler.server.stats_log import Throughput
 
 
 class WorkerDead(Exception):
@@ -121,6 +122,7 @@ class ServiceState:
         self.have_worker = asyncio.Event()
         self.expected_workers: set[str] = set()  # workers of a previous scheduler, expected back
         self.started_at = time.time()
+        self.throughput = Throughput()  # tokens per step, for the periodic throughput line
 
     def forget(self, st: ReqState) -> None:
         self.requests.pop(st.request_id, None)

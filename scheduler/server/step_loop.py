@@ -92,6 +92,7 @@ class StepLoop:
         self._observe(h, step, res, rtt, time.perf_counter() - t2)
 
     def _observe(self, h: WorkerHandle, step: InFlightStep, res: StepResult, rtt: float, update_s: float) -> None:
+        self.state.throughput.count(step.plan.num_batched_tokens, len(res.outputs))
         m = self.state.metrics
         if m is None:
             return
