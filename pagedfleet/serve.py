@@ -214,8 +214,9 @@ def build_processes(args: argparse.Namespace, model_dir: str | None, served_name
         env["PAGEDFLEET_API_KEYS"] = ",".join(args.api_key)
     env["PAGEDFLEET_SCHEDULER_URL"] = f"http://127.0.0.1:{args.scheduler_port}"
     # the Batch API's Celery worker (gateway/batch/worker.py): it prepares requests as the gateway does
-    batch_env = "".join(f"{k}={q(v)} " for k, v in (("PAGEDFLEET_MODEL_DIR", model_dir), ("PAGEDFLEET_MODEL", model_of(args)),
-                                                   ("PAGEDFLEET_SERVED_MODEL_NAME", served_name)) if v)
+    batch_env = "".join(f"{k}={shlex.quote(v)} " for k, v in (
+        ("PAGEDFLEET_MODEL_DIR", model_dir), ("PAGEDFLEET_MODEL", model_of(args) or served_name),
+        ("PAGEDFLEET_SERVED_MODEL_NAME", args.served_model_name or served_name)) if v)
     procs["batch"] = (f"env {batch_env}{py} -m celery -A gateway.batch.worker worker -Q pagedfleet-batch --pool threads"
                       f" --concurrency 4 --loglevel WARNING --without-gossip --without-mingle")
     if not args.no_housekeeping:
