@@ -21,6 +21,7 @@ from gateway import job_routes, routes
 from gateway.body_limit import BodySizeLimit
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
+from gateway.lease import GatewayLease
 from gateway.responses import TokenText
 from gateway.settings import GatewaySettings
 
@@ -63,7 +64,9 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         r = async_client(settings.redis_url, decode_responses=True, max_block_ms=1000,
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
         pool = r.connection_pool
-        app.state.fleet = FleetClient(r, info, settings)
+        lease = GatewayLease(r)
+        await lease.start()
+        app.state.fleet = FleetClient(r, info, settings, instance=lease.instance)
         app.state.token_text = TokenText(info.tokenizer)
         try:
             from gateway.metrics import gateway_metrics
@@ -73,6 +76,7 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         except Exception:  # pragma: no cover - metrics are optional
             app.state.metrics = None
         yield
+        await lease.stop()
         await app.state.fleet.aclose()
         await pool.aclose()
 

@@ -7,6 +7,12 @@ results stream. A plan is acknowledged in the same Redis transaction that publis
 Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one), advertised as
 ``--advertise-host`` (``auto``: this machine's / container's address on the network that reaches Redis).
 Each step reports its execute time and the time of its KV transfers (swap out, swap in, copy-on-write).
+
+Redis outages are ridden out (clients from ``protocol.redis_conn``; each call in ``retry_forever_sync``):
+the worker keeps its sequences and its incarnation, recreates its consumer group if Redis came back
+without it, and re-reads its own pending plans when idle (a plan whose XREADGROUP reply was lost on a
+dead connection is still pending on this consumer). A StepResult published twice (a retried transaction
+whose reply was lost) is harmless: the scheduler matches results to its step in flight by step id.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import redis
 
 from protocol import StepPlan, StepResult
 from protocol import streams as S
+from protocol.redis_conn import retry_forever_sync, sync_client
 
 log = logging.getLogger("pagedfleet.worker")
 
@@ -66,26 +73,22 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def wait_for_redis(url: str, timeout_s: float = 60.0) -> redis.Redis:
-    r = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            r.ping()
-            return r
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+PLAN_BLOCK_MS = 500  # a plan read blocks this long; when it returns nothing the worker checks its pending plans
+
+
+def wait_for_redis(url: str, stop: threading.Event | None = None) -> redis.Redis:
+    r = sync_client(url, decode_responses=True, max_block_ms=PLAN_BLOCK_MS)
+    retry_forever_sync(r.ping, what="connect", log=log, stop_event=stop)
+    return r
 
 
 class WorkerService:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.r = wait_for_redis(args.redis_url)
-        self.hb_r = redis.Redis.from_url(args.redis_url, decode_responses=True)
         self.stop = threading.Event()
+        self.r = wait_for_redis(args.redis_url, self.stop)
+        self.hb_r = sync_client(args.redis_url, decode_responses=True)
         self.reregister = threading.Event()
         self.metrics_url: str | None = None
         self.incarnation = uuid.uuid4().hex
@@ -181,12 +184,16 @@ class WorkerService:
         self.metrics_url = metrics_url
         reg = self.registration(metrics_url)
         self._reg_json = reg.model_dump_json()
-        p = self.r.pipeline(transaction=True)
-        p.delete(self.plan_stream)  # plans of an earlier start are meaningless now
-        p.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True)
-        p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl * 1000))
-        p.hset(S.WORKERS, self.worker_id, self._reg_json)
-        p.execute()
+
+        def write() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.delete(self.plan_stream)  # plans of an earlier start are meaningless now
+            p.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True)
+            p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl * 1000))
+            p.hset(S.WORKERS, self.worker_id, self._reg_json)
+            p.execute()
+
+        retry_forever_sync(write, what="register", log=log, stop_event=self.stop)
         log.info("worker %s registered (incarnation %s, %d GPU blocks)", self.worker_id, self.incarnation,
                  self.runner.info.num_gpu_blocks)
 
@@ -221,25 +228,45 @@ class WorkerService:
 
     # ---- the loop -----------------------------------------------------------------------------
     def serve(self) -> None:
-        r = self.r
         while not self.stop.is_set():
             if self.reregister.is_set():
                 self.restart_incarnation()
             try:
-                resp = r.xreadgroup(S.WORKER_GROUP, self.incarnation, {self.plan_stream: ">"}, count=1, block=500)
-            except redis.ResponseError as e:  # the group vanished: we were declared dead
-                log.warning("plan stream unreadable (%s); registering again", e)
-                self.reregister.set()
+                resp = retry_forever_sync(lambda: self._read_plans(">"), what="read plans", log=log,
+                                          stop_event=self.stop)
+                if not resp and not self.stop.is_set():  # idle: a plan delivered on a lost reply waits here
+                    resp = retry_forever_sync(lambda: self._read_plans("0"), what="read pending plans", log=log,
+                                              stop_event=self.stop)
+            except redis.ResponseError as e:
+                self._plan_stream_gone(e)
                 continue
-            except redis.ConnectionError as e:
-                log.warning("redis: %s", e)
-                time.sleep(0.2)
-                continue
-            if not resp:
-                continue
-            for _stream, entries in resp:
+            for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self.handle(entry_id, fields)
+
+    def _read_plans(self, start: str):
+        block = PLAN_BLOCK_MS if start == ">" else None
+        return self.r.xreadgroup(S.WORKER_GROUP, self.incarnation, {self.plan_stream: start}, count=1, block=block)
+
+    def _plan_stream_gone(self, err: redis.ResponseError) -> None:
+        """NOGROUP: the scheduler declared us dead (it removed our registration and plan stream), or Redis
+        came back without them. Still registered as this incarnation: recreate the group and go on; else
+        register again as a new incarnation."""
+        if "NOGROUP" not in str(err):
+            raise err
+        cur = retry_forever_sync(lambda: self.r.hget(S.WORKERS, self.worker_id), what="check registration",
+                                 log=log, stop_event=self.stop)
+        if cur != self._reg_json:
+            log.warning("plan stream unreadable (%s); registering again", err)
+            self.reregister.set()
+            return
+        log.warning("plan stream's group is gone (%s); recreating it", err)
+        try:
+            retry_forever_sync(lambda: self.r.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True),
+                               what="recreate group", log=log, stop_event=self.stop)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     def handle(self, entry_id: str, fields: dict) -> None:
         t0 = time.perf_counter()
@@ -257,10 +284,7 @@ class WorkerService:
         dt = time.perf_counter() - t0
         if not result.execute_ms:
             result.execute_ms = dt * 1000.0
-        p = self.r.pipeline(transaction=True)
-        p.xadd(S.RESULTS, S.encode(result))
-        p.xack(self.plan_stream, S.WORKER_GROUP, entry_id)
-        p.execute()
+        self._publish(result, entry_id)
         if self.metrics is not None and plan is not None:
             try:
                 # execute time, computed tokens, and each KV transfer of the plan with its time
@@ -270,6 +294,19 @@ class WorkerService:
                     self._device_memory()
             except Exception:  # pragma: no cover
                 pass
+
+    def _publish(self, result: StepResult, entry_id: str) -> None:
+        """The StepResult and the plan's ack in one transaction, retried until Redis takes it (at least once:
+        a duplicate matches no step in flight and the scheduler acknowledges it as stale)."""
+        fields = S.encode(result)
+
+        def write() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.xadd(S.RESULTS, fields)
+            p.xack(self.plan_stream, S.WORKER_GROUP, entry_id)
+            p.execute()
+
+        retry_forever_sync(write, what="publish step result", log=log, stop_event=self.stop)
 
     def unregister(self) -> None:
         try:
