@@ -105,6 +105,7 @@ class WorkerHandle:
         for step in self.in_flight:
             if not step.result.done():
                 step.result.set_exception(exc)
+                step.result.exception()  # retrieved: the loop awaiting it may be cancelled already
 
 
 class ServiceState:
