@@ -234,3 +234,52 @@ def test_chaos_nothing_lost(fleet):
     streams += [(S.plan_stream(w["worker_id"]), S.WORKER_GROUP) for w in fleet.workers()]
     wait_until(lambda: all(r.xpending(k, g)["pending"] == 0 for k, g in streams), 30,
                f"pending entries: {[(k, r.xpending(k, g)['pending']) for k, g in streams]}")
+
+
+def test_orphaned_streams_are_aborted_jobs_run_on(fleet):
+    """A gateway SIGKILLed mid-stream: its streams' requests are aborted within seconds (their blocks freed,
+    through the gateway's lease); a job submitted through it runs on and completes."""
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    job = httpx.post(fleet.url + "/v1/jobs", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 80,
+                                                  "ignore_eos": True, "temperature": 0}, timeout=30).json()
+    first_chunk = threading.Barrier(5)
+    ended: list[BaseException | None] = []
+
+    def stream(prompt: str) -> None:
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=400, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        try:
+            for i, _c in enumerate(chunks):
+                if i == 0:
+                    first_chunk.wait(60)
+            ended.append(None)
+        except openai.APIError as e:
+            ended.append(e)
+
+    threads = [threading.Thread(target=stream, args=(p,), daemon=True) for p in PROMPTS[:4]]
+    for t in threads:
+        t.start()
+    first_chunk.wait(60)
+    assert len(fleet.stats()["request_ids"]) >= 4
+    fleet.kill("gateway")
+    t_kill = time.monotonic()
+    for t in threads:
+        t.join(30)
+    assert len(ended) == 4 and all(e is not None for e in ended)  # every client saw its stream end
+
+    def orphans_gone() -> bool:
+        return [rid for rid in fleet.stats()["request_ids"] if not rid.startswith("job-")] == []
+
+    wait_until(orphans_gone, 10, f"orphaned requests still running: {fleet.stats()['request_ids']}")
+    freed_s = time.monotonic() - t_kill
+    print(f"orphans: aborted {freed_s:.1f} s after the gateway died")
+    fleet.start_gateway()
+    fleet.wait_gateway()
+    done = wait_job(fleet.url, job["id"])
+    assert done["status"] == "completed" and done["result"]["usage"]["completion_tokens"] == 80
+
+    def drained() -> bool:
+        st = fleet.stats()
+        return not st["request_ids"] and all(w["gpu_blocks_used"] == 0 for w in st["workers"].values())
+
+    wait_until(drained, 30, f"blocks still held: {fleet.stats()}")
