@@ -32,7 +32,7 @@ import redis
 
 from protocol import StepPlan, StepResult
 from protocol import streams as S
-from protocol.redis_conn import retry_forever_sync, sync_client
+from protocol.redis_conn import Outage, retry_forever_sync, sync_client
 
 log = logging.getLogger("pagedfleet.worker")
 
@@ -201,6 +201,7 @@ class WorkerService:
     def heartbeat_loop(self) -> None:
         ttl_ms = int(self.args.heartbeat_ttl * 1000)
         key = S.heartbeat_key(self.worker_id)
+        outage = Outage("heartbeat", log, base_s=0.0, max_delay_s=0.0)  # logs once per outage
         while not self.stop.wait(self.args.heartbeat_interval):
             if self.reregister.is_set():
                 continue  # the main loop is starting a new incarnation
@@ -217,8 +218,10 @@ class WorkerService:
                     self.reregister.set()
                     continue
                 self.hb_r.set(key, self.incarnation, px=ttl_ms)
-            except redis.RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                outage.succeeded()
+                outage.failures = 0
+            except redis.RedisError as e:  # an outage: beat again at the next interval, never stop
+                outage.failed(e)
 
     def restart_incarnation(self) -> None:
         self.runner.seqs.clear()
