@@ -96,6 +96,7 @@ class WorkerService:
         self.metrics = None
         self._transfer_s: dict[str, float] = {}  # seconds per KV transfer op in the step being executed
         self._steps = 0
+        self._last_step = -1  # wire step id of the last plan run (the scheduler's ids only grow)
         self.plan_stream = S.plan_stream(self.worker_id)
 
     # ---- setup --------------------------------------------------------------------------------
@@ -225,6 +226,7 @@ class WorkerService:
 
     def restart_incarnation(self) -> None:
         self.runner.seqs.clear()
+        self._last_step = -1
         self.incarnation = uuid.uuid4().hex
         self.register(self.metrics_url)
         self.reregister.clear()
@@ -278,6 +280,14 @@ class WorkerService:
         try:
             plan = S.decode(fields, StepPlan)
             step_id = plan.step_id
+            if step_id <= self._last_step:
+                # wire step ids only grow: a second copy of a plan (an XADD retried after its reply was lost)
+                # must not run twice (the sequences would advance twice); its result went out already
+                log.warning("step %s is a duplicate (last run: %s); acknowledged, not run", step_id, self._last_step)
+                retry_forever_sync(lambda: self.r.xack(self.plan_stream, S.WORKER_GROUP, entry_id),
+                                   what="ack duplicate plan", log=log, stop_event=self.stop)
+                return
+            self._last_step = step_id
             result = self.runner.execute(plan)
             result.worker_id = self.worker_id
         except Exception as e:

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from protocol import StepResult
 from protocol import streams as S
 from protocol.job_store import set_job_status
+from protocol.redis_conn import retry_forever
 from protocol.jobs import JobStatus
 from scheduler.sequence import SequenceStatus
 from scheduler.server.publishing import Publisher
@@ -80,7 +81,12 @@ class StepLoop:
         h.in_flight.append(step)
         self._note_plan(h, step)
         step.sent_at = time.perf_counter()
-        await self.state.r.xadd(S.plan_stream(h.wid), S.encode(plan), maxlen=S.PLAN_MAXLEN, approximate=True)
+        fields = S.encode(plan)
+        # an outage is waited out (the step stays in flight); a copy of a plan sent twice (its reply was lost)
+        # is not run twice: the worker skips step ids it has run
+        await retry_forever(lambda: self.state.r.xadd(S.plan_stream(h.wid), fields, maxlen=S.PLAN_MAXLEN,
+                                                      approximate=True),
+                            what=f"send plan to {h.wid}", log=log, stop_event=self.state.stopping)
         res, entry_id = await step.result
         rtt = time.perf_counter() - step.sent_at
         h.in_flight.popleft()
