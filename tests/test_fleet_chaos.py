@@ -155,11 +155,8 @@ def fleet(tmp_path_factory):
     f.close()
 
 
-def test_chaos_nothing_lost(fleet):
-    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    want = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
-            for p in PROMPTS}  # the no-fault run
-
+def faults(fleet: Fleet) -> list[tuple[str, object]]:
+    """One at a time, in this order."""
     def kill_redis():
         fleet.redis.kill()
         time.sleep(2.0)
@@ -176,29 +173,31 @@ def test_chaos_nothing_lost(fleet):
             start()
         return fault
 
-    faults = [("redis kill", kill_redis), ("redis stall", stall_redis),
-              ("worker kill", restart("worker1", lambda: fleet.start_worker(1))),
-              ("scheduler kill", restart("scheduler", fleet.start_scheduler)),
-              ("gateway kill", restart("gateway", fleet.start_gateway))]
-    load = Load(fleet.url)
-    threads = load.run()
-    gateway_down: tuple[float, float] | None = None
-    try:
-        for name, fault in faults:
-            t = time.monotonic()
-            wait_until(lambda: completed_since(load, t) >= 2, 60, f"no load before {name}")
-            t_fault = time.monotonic()
-            fault()
-            fleet.wait_ready(2, timeout=90)
-            t_back = time.monotonic()
-            if name == "gateway kill":
-                gateway_down = (t_fault, t_back)
-            wait_until(lambda: completed_since(load, t_back) >= 2, 90, f"no progress after {name}")
-            print(f"{name}: recovered in {t_back - t_fault:.1f} s")
-    finally:
-        load.stop.set()
-        for th in threads:
-            th.join(120)
+    return [("redis kill", kill_redis), ("redis stall", stall_redis),
+            ("worker kill", restart("worker1", lambda: fleet.start_worker(1))),
+            ("scheduler kill", restart("scheduler", fleet.start_scheduler)),
+            ("gateway kill", restart("gateway", fleet.start_gateway))]
+
+
+def run_faults(fleet: Fleet, load: Load) -> tuple[float, float]:
+    """Each fault while the load runs (some requests complete before it and after it); returns when the
+    gateway was down."""
+    gateway_down = (0.0, 0.0)
+    for name, fault in faults(fleet):
+        t = time.monotonic()
+        wait_until(lambda: completed_since(load, t) >= 2, 60, f"no load before {name}")
+        t_fault = time.monotonic()
+        fault()
+        fleet.wait_ready(2, timeout=90)
+        t_back = time.monotonic()
+        if name == "gateway kill":
+            gateway_down = (t_fault, t_back)
+        wait_until(lambda: completed_since(load, t_back) >= 2, 90, f"no progress after {name}")
+        print(f"{name}: recovered in {t_back - t_fault:.1f} s")
+    return gateway_down
+
+
+def collect_jobs(fleet: Fleet, load: Load) -> None:
     for o, job_id in load.jobs:
         j = wait_job(fleet.url, job_id)
         o.ended = time.monotonic()
@@ -208,8 +207,37 @@ def test_chaos_nothing_lost(fleet):
             o.error = f"job {job_id} {j.get('status')}: {j.get('error')}"
         load.outcomes.append(o)
 
+
+def assert_drained(fleet: Fleet) -> None:
+    """No request tracked, no block held, nothing pending in the requests / results / plan streams."""
+    def drained() -> bool:
+        st = fleet.stats()
+        return not st["request_ids"] and all(w["gpu_blocks_used"] == 0 for w in st["workers"].values())
+
+    wait_until(drained, 30, f"blocks still held: {fleet.stats()}")
+    r = fleet.redis.client()
+    streams = [(S.REQUESTS, S.SCHEDULER_GROUP), (S.RESULTS, S.SCHEDULER_GROUP)]
+    streams += [(S.plan_stream(w["worker_id"]), S.WORKER_GROUP) for w in fleet.workers()]
+    wait_until(lambda: all(r.xpending(k, g)["pending"] == 0 for k, g in streams), 30,
+               f"pending entries: {[(k, r.xpending(k, g)['pending']) for k, g in streams]}")
+
+
+def test_chaos_nothing_lost(fleet):
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    want = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+            for p in PROMPTS}  # the no-fault run
+    load = Load(fleet.url)
+    threads = load.run()
+    try:
+        gateway_down = run_faults(fleet, load)
+    finally:
+        load.stop.set()
+        for th in threads:
+            th.join(120)
+    collect_jobs(fleet, load)
+
     def with_client(o: Outcome) -> bool:  # a stream in flight when its gateway was killed
-        return o.kind == "stream" and gateway_down is not None and o.started < gateway_down[0] < o.ended
+        return o.kind == "stream" and o.started < gateway_down[0] < o.ended
 
     completed = [o for o in load.outcomes if o.error is None and o.text == want[o.prompt]]
     wrong = [o for o in load.outcomes if o.error is None and o.text != want[o.prompt]]
@@ -223,17 +251,7 @@ def test_chaos_nothing_lost(fleet):
         print("lost:", o)
     assert not lost
     assert sum(o.kind == "job" for o in completed) >= 10 and sum(o.kind == "stream" for o in completed) >= 20
-
-    def drained() -> bool:
-        st = fleet.stats()
-        return not st["request_ids"] and all(w["gpu_blocks_used"] == 0 for w in st["workers"].values())
-
-    wait_until(drained, 30, f"blocks still held: {fleet.stats()}")
-    r = fleet.redis.client()
-    streams = [(S.REQUESTS, S.SCHEDULER_GROUP), (S.RESULTS, S.SCHEDULER_GROUP)]
-    streams += [(S.plan_stream(w["worker_id"]), S.WORKER_GROUP) for w in fleet.workers()]
-    wait_until(lambda: all(r.xpending(k, g)["pending"] == 0 for k, g in streams), 30,
-               f"pending entries: {[(k, r.xpending(k, g)['pending']) for k, g in streams]}")
+    assert_drained(fleet)
 
 
 def test_orphaned_streams_are_aborted_jobs_run_on(fleet):
@@ -278,8 +296,4 @@ def test_orphaned_streams_are_aborted_jobs_run_on(fleet):
     done = wait_job(fleet.url, job["id"])
     assert done["status"] == "completed" and done["result"]["usage"]["completion_tokens"] == 40
 
-    def drained() -> bool:
-        st = fleet.stats()
-        return not st["request_ids"] and all(w["gpu_blocks_used"] == 0 for w in st["workers"].values())
-
-    wait_until(drained, 30, f"blocks still held: {fleet.stats()}")
+    assert_drained(fleet)
