@@ -22,6 +22,7 @@ from gateway.body_limit import BodySizeLimit
 from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
+from gateway.lease import GatewayLease
 from gateway.responses import TokenText
 from gateway.model_info import load_model_info
 from gateway.settings import GatewaySettings
@@ -38,7 +39,9 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         r = async_client(settings.redis_url, decode_responses=True, max_block_ms=1000,
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
         pool = r.connection_pool
-        app.state.fleet = FleetClient(r, info, settings)
+        lease = GatewayLease(r)
+        await lease.start()
+        app.state.fleet = FleetClient(r, info, settings, instance=lease.instance)
         app.state.files = FileStore(r, settings)
         app.state.token_text = TokenText(info.tokenizer)
         try:
@@ -49,6 +52,7 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         except Exception:  # pragma: no cover - metrics are optional
             app.state.metrics = None
         yield
+        await lease.stop()
         await app.state.fleet.aclose()
         await pool.aclose()
 

@@ -10,7 +10,8 @@ Failure handling: workers heartbeat (``pf:hb:{worker}``, a key with a TTL holdin
 worker whose key expired (or whose incarnation changed) is declared dead and each of its unfinished requests
 is re-added elsewhere with the tokens it already generated (recompute). Accepted requests are kept in
 ``pf:active`` until they finish, so a restarted scheduler resumes them too. Nothing is acknowledged before
-its effect is recorded.
+its effect is recorded. An interactive request whose gateway is gone (its lease ``pf:gw:{instance}``
+lapsed) is aborted (``scheduler/server/gateway_leases.py``); jobs run on.
 
 Settings: ``SchedulerSettings`` (scheduler/server/config.py): environment ``PAGEDFLEET_*`` and flags.
 """
@@ -33,6 +34,7 @@ from redis.exceptions import ResponseError
 from protocol import streams as S
 from protocol.redis_conn import OUTAGE_ERRORS, Outage, async_client, sync_client
 from scheduler.server.config import SchedulerSettings
+from scheduler.server.gateway_leases import GatewayLeases
 from scheduler.server.http import serve_http
 from scheduler.server.intake import Intake
 from scheduler.server.metrics import SchedulerMetrics, scheduler_metrics
@@ -64,6 +66,7 @@ class SchedulerService(ServiceState):
         self.registry = WorkerRegistry(self, self.recovery.declare_dead, self.step_loop.start,
                                        self.placement.place_orphans)
         self.intake = Intake(self, self.placement, self.publisher)
+        self.gateway_leases = GatewayLeases(self, self.intake.abort)
         self.lease = Lease(self, self.instance)
         self.stats_log = StatsLog(self)
         self._last_trim = 0.0
@@ -92,6 +95,7 @@ class SchedulerService(ServiceState):
             try:
                 await self.registry.check_workers()
                 await self.placement.place_orphans()
+                await self.gateway_leases.check()
                 now = time.monotonic()
                 if now - last_poll > STREAM_POLL_S:
                     last_poll = now

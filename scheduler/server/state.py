@@ -27,6 +27,7 @@ class WorkerDead(Exception):
 class ReqState:
     request: GenerationRequest
     job_id: str | None = None
+    gateway: str | None = None  # the gateway instance its client is on (interactive requests; jobs: None)
     worker_id: str | None = None
     generated: dict[int, list[int]] = field(default_factory=dict)
     finished_idx: set[int] = field(default_factory=set)
@@ -51,7 +52,7 @@ class ReqState:
 
     def active_record(self) -> S.ActiveRequest:
         """What ``pf:active`` keeps of it, for a restarted scheduler."""
-        return S.ActiveRequest(request=self.request, job_id=self.job_id, worker_id=self.worker_id,
+        return S.ActiveRequest(request=self.request, job_id=self.job_id, gateway=self.gateway, worker_id=self.worker_id,
                                resumes=self.resumes)
 
 
@@ -105,6 +106,7 @@ class WorkerHandle:
         for step in self.in_flight:
             if not step.result.done():
                 step.result.set_exception(exc)
+                step.result.exception()  # retrieved: the loop awaiting it may be cancelled already
 
 
 class ServiceState:
