@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from protocol.redis_conn import async_client
 from fastapi import FastAPI
 
-from gateway import batch_routes, files_routes, job_routes, routes
+from gateway import batch_routes, block_map, files_routes, job_routes, routes
 from gateway.access_log import AccessLog
 from gateway.auth import ApiKeyAuth
 from gateway.body_limit import BodySizeLimit
@@ -23,6 +23,7 @@ from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
 from gateway.lease import GatewayLease
+from gateway.metrics import gateway_metrics
 from gateway.responses import TokenText
 from gateway.model_info import load_model_info
 from gateway.settings import GatewaySettings
@@ -30,33 +31,30 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("pagedfleet.gateway")
 
 
-def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None) -> FastAPI:
-    settings = settings or GatewaySettings()
-
+def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         info = model_info or load_model_info(settings)
         r = async_client(settings.redis_url, decode_responses=True, max_block_ms=1000,
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
-        pool = r.connection_pool
-        lease = GatewayLease(r)
+        lease = GatewayLease(r)  # the scheduler aborts this gateway's streams once the lease lapses
         await lease.start()
         app.state.fleet = FleetClient(r, info, settings, instance=lease.instance)
         app.state.files = FileStore(r, settings)
         app.state.token_text = TokenText(info.tokenizer)
-        try:
-            from gateway.metrics import gateway_metrics
-
-            app.state.metrics = gateway_metrics()
-            app.state.metrics.ensure_model(info.name)
-        except Exception:  # pragma: no cover - metrics are optional
-            app.state.metrics = None
+        app.state.metrics = gateway_metrics()
+        app.state.metrics.ensure_model(info.name)
         yield
         await lease.stop()
         await app.state.fleet.aclose()
-        await pool.aclose()
+        await r.connection_pool.aclose()
 
-    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan)
+    return lifespan
+
+
+def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=_lifespan(settings, model_info))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        per_path={"/v1/files": settings.max_file_bytes + 64 * 1024})  # + the multipart framing
     keys = settings.all_api_keys()
@@ -65,32 +63,9 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
     app.state.settings = settings
     app.state.auth_enabled = bool(keys)
     app.state.metrics = None
-    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router):
+    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router,
+                   gateway_metrics().router(), block_map.router):
         app.include_router(router)
-
-    try:
-        from gateway.metrics import gateway_metrics
-
-        app.include_router(gateway_metrics().router())
-    except Exception:  # pragma: no cover
-        from fastapi import Response
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        @app.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    try:  # the block map page (monitoring engineer's module), when present
-        from gateway import block_map
-
-        r = getattr(block_map, "router", None)
-        if r is None and hasattr(block_map, "make_router"):
-            r = block_map.make_router()
-        if r is not None:
-            app.include_router(r)
-    except ImportError:
-        pass
-
     install_error_handlers(app, FleetError)
     return app
 
