@@ -25,12 +25,16 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 
 import redis
 from celery import Celery
+from celery.exceptions import SecurityWarning
+from celery.signals import setup_logging as celery_setup_logging
 
 from protocol import FinishReason, RequestOutputDelta, SequenceOutputDelta
 from protocol import streams as S
+from protocol import logs as protocol_logs
 from protocol.redis_conn import sync_client
 from protocol.jobs import JobMeta
 from scheduler.server.config import SchedulerSettings
@@ -42,6 +46,18 @@ log = logging.getLogger("pagedfleet.housekeeping")
 QUEUE = "pagedfleet-housekeeping"
 STATS = S.HOUSEKEEPING_STATS
 RECLAIMER = "housekeeper"
+
+# Celery's 20-line warning about a root worker is about pickle (a root worker accepting it runs whatever a
+# message says); this app accepts JSON only (make_app), and Celery still refuses to start as root with pickle.
+# So in a container running as root the warning says nothing: silence it (the documented `warnings` way).
+warnings.filterwarnings("ignore", category=SecurityWarning)
+
+
+@celery_setup_logging.connect
+def _setup_logging(loglevel=None, **_kw) -> None:
+    """Celery's logs like every other service's (text or JSON: PAGEDFLEET_LOG_FORMAT)."""
+    settings = SchedulerSettings()
+    protocol_logs.setup_logging(settings.log_level if loglevel is None else loglevel, settings.log_format)
 
 
 def make_app(settings: SchedulerSettings) -> Celery:
