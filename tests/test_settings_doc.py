@@ -43,8 +43,9 @@ def test_worker_flags_keep_their_earlier_spellings(monkeypatch):
         ("w0", 512, 1, 0.25, 1.5)
     assert s.quantization is None and s.worker_metrics_host == "0.0.0.0" and s.advertise_host == "auto"
     assert WorkerSettings().worker_metrics_host == "127.0.0.1" and SchedulerSettings().scheduler_host == "127.0.0.1"
-    with pytest.raises(SystemExit):  # tensor parallelism does not exist yet: refused, not ignored
-        WorkerSettings.from_cli(["--tensor-parallel-size", "2"])
+    assert WorkerSettings.from_cli(["--tensor-parallel-size", "2"]).tensor_parallel_size == 2
+    with pytest.raises(SystemExit):  # no ranks: refused, not ignored
+        WorkerSettings.from_cli(["--tensor-parallel-size", "0"])
 
 
 def test_gateway_api_keys_from_flag_or_environment(monkeypatch):
