@@ -95,9 +95,17 @@ class TensorParallelGroup:
         atexit.register(self.close)
         rc = _rank_config(config, 0)
         self.busy_since = time.monotonic()  # joining and loading are collectives too
-        distributed.init_tensor_parallel(0, n, store.port, torch.device(rc.device), timeout_s, store=store,
-                                         backend=_rank_device(config, 0)[1])
-        self.runner = ModelRunner(rc, worker_id=worker_id)
+        try:
+            distributed.init_tensor_parallel(0, n, store.port, torch.device(rc.device), timeout_s, store=store,
+                                             backend=_rank_device(config, 0)[1])
+            self.runner = ModelRunner(rc, worker_id=worker_id)
+        except BaseException:  # the other ranks would wait for us in a collective: stop them
+            self.stopping = True
+            for p in self.procs:
+                p.kill()
+                p.join(5.0)
+            distributed.destroy_tensor_parallel()
+            raise
         self.busy_since = None
         log.info("tensor-parallel group of %d ranks up (pids %s)", n, [os.getpid()] + [p.pid for p in self.procs])
 
