@@ -159,7 +159,8 @@ def _copy_random_shard(model: LlamaForCausalLM, name: str, p: torch.Tensor, full
         _copy_vocab_rows(p, _shard(name, full, full.shape, rank, n, rows))
     elif parts:
         pieces = full.split([r for _, r in parts])
-        p.copy_(torch.cat([_shard(f"x.{kind}.weight", t, t.shape, rank, n, rows) for (kind, _), t in zip(parts, pieces)]))
+        p.copy_(torch.cat([_shard(f"x.{kind}.weight", t, t.shape, rank, n, rows)
+                           for (kind, _), t in zip(parts, pieces)]))
     else:
         p.copy_(_shard(name, full, full.shape, rank, n, rows))
 

@@ -201,7 +201,8 @@ def _worker_cmd(args: argparse.Namespace, py: str, i: int) -> str:
         tensor_parallel_size=args.tensor_parallel_size, threads=threads if args.device == "cpu" else None,
         log_level=args.log_level)
     n = args.tensor_parallel_size  # worker i's group: GPUs i*N .. i*N+N-1
-    return cmd if args.device == "cpu" else f"env CUDA_VISIBLE_DEVICES={','.join(str(i * n + r) for r in range(n))} " + cmd
+    gpus = ",".join(str(i * n + r) for r in range(n))
+    return cmd if args.device == "cpu" else f"env CUDA_VISIBLE_DEVICES={gpus} " + cmd
 
 
 def build_processes(args: argparse.Namespace, model_dir: str | None, served_name: str | None) -> tuple[dict[str, str], dict[str, str]]:
