@@ -148,7 +148,8 @@ class WorkerService:
         """KV cache size once; the runner times each step's batched swap / copy-on-write transfers."""
         run, m = self.runner, self.metrics
         kv, cpu, tp = run.kv_cache, run.cpu_cache, run.info.tensor_parallel_size  # every rank holds as much
-        m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size() * tp, cpu_bytes=cpu.numel() * cpu.element_size() * tp,
+        m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size() * tp,
+                       cpu_bytes=cpu.numel() * cpu.element_size() * tp,
                        num_gpu_blocks=run.info.num_gpu_blocks, num_cpu_blocks=run.info.num_cpu_blocks,
                        block_bytes=run.info.kv_block_bytes)
         run.measure_transfers = True
