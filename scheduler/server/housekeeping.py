@@ -25,18 +25,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import warnings
 
 import redis
 from celery import Celery
-from celery.exceptions import SecurityWarning
-from celery.signals import setup_logging as celery_setup_logging
 
 from protocol import FinishReason, RequestOutputDelta, SequenceOutputDelta
 from protocol import streams as S
-from protocol import logs as protocol_logs
 from protocol.redis_conn import sync_client
 from protocol.jobs import JobMeta
+from protocol.celery_app import json_celery_app
 from scheduler.server.config import SchedulerSettings
 from scheduler.server.output_streams import queue_output_delta
 from scheduler.server.stream_trim import safe_trim_minid
@@ -47,36 +44,12 @@ QUEUE = "pagedfleet-housekeeping"
 STATS = S.HOUSEKEEPING_STATS
 RECLAIMER = "housekeeper"
 
-# Celery's 20-line warning about a root worker is about pickle (a root worker accepting it runs whatever a
-# message says); this app accepts JSON only (make_app), and Celery still refuses to start as root with pickle.
-# So in a container running as root the warning says nothing: silence it (the documented `warnings` way).
-warnings.filterwarnings("ignore", category=SecurityWarning)
-
-
-@celery_setup_logging.connect
-def _setup_logging(loglevel=None, **_kw) -> None:
-    """Celery's logs like every other service's (text or JSON: PAGEDFLEET_LOG_FORMAT)."""
-    settings = SchedulerSettings()
-    protocol_logs.setup_logging(settings.log_level if loglevel is None else loglevel, settings.log_format)
-
-
 def make_app(settings: SchedulerSettings) -> Celery:
     """The Celery app: broker and backend on the fleet's Redis, JSON only, beat's schedule in memory."""
-    app = Celery("pagedfleet", broker=settings.redis_url, backend=settings.redis_url)
     period = settings.housekeeping_period_s
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        event_serializer="json",
-        task_default_queue=QUEUE,
-        task_ignore_result=True,
-        result_expires=3600,
-        timezone="UTC",
-        enable_utc=True,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
+    app = json_celery_app(
+        "pagedfleet", settings.redis_url, log_level=settings.log_level, log_format=settings.log_format,
+        backend=True, task_default_queue=QUEUE, task_ignore_result=True, result_expires=3600,
         beat_scheduler="celery.beat:Scheduler",  # in memory: the default PersistentScheduler pickles to a shelve
         beat_schedule={
             "expire-jobs": {"task": "pagedfleet.expire_jobs", "schedule": period * 2},
