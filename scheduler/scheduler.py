@@ -94,6 +94,7 @@ class Scheduler:
         self.pending_deltas: list[RequestOutputDelta] = []  # final deltas made outside a step's results
         # counters
         self.num_steps = 0
+        self.num_steps_ahead = 0  # of them, planned ahead of the results in flight (pipelined)
         self.num_preemptions_swap = 0
         self.num_preemptions_recompute = 0
         self.num_finished = 0
@@ -266,6 +267,7 @@ class Scheduler:
         if plan.is_empty:
             return None  # (the step id stays used: the in-flight groups are marked with it)
         self._in_flight.append(plan.in_flight() or ScheduledStep(plan.step_id, []))
+        self.num_steps_ahead += 1
         return self._finish_plan(plan)
 
     @property

@@ -34,6 +34,9 @@ class SchedulerSettings(BaseSettings):
     policy: Literal["fcfs", "priority"] = "fcfs"
     preemption_mode: Literal["auto", "swap", "recompute"] = "auto"
     max_model_len: int | None = None
+    # pipelined scheduling (scheduler/lookahead.py): each worker's next plan is made while it runs the last
+    pipeline: bool = Field(True, description="plan step N+1 while step N runs (--no-pipeline: one at a time)")
+    pipeline_lookahead: int = Field(1, ge=1, description="plans made ahead per worker when pipelined")
     # the fleet
     monitor_interval: float = Field(0.25, description="seconds between liveness checks")
     max_resumes: int = Field(3, description="a request that loses more workers fails")
@@ -58,6 +61,11 @@ class SchedulerSettings(BaseSettings):
     def from_cli(cls, argv: list[str] | None = None) -> SchedulerSettings:
         """Environment, then the command line (``argv``; None: sys.argv[1:])."""
         return CliApp.run(cls, cli_args=argv)
+
+    @property
+    def max_plans_in_flight(self) -> int:
+        """Plans a worker may have in flight at once."""
+        return 1 + self.pipeline_lookahead if self.pipeline else 1
 
     def scheduler_config(self) -> SchedulerConfig:
         """The policy's configuration for every worker's Scheduler."""
