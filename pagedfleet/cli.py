@@ -20,6 +20,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp8: decoder weights in float8_e4m3fn, activations quantized per token (Hopper FP8 "
                         "tensor cores; on the CPU only a check of the numbers)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="plan, run and apply one step at a time (default: plan the next step while one runs)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -40,7 +42,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM(
         args.model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, pipeline=not args.no_pipeline,
     )
     try:
         if args.chat:
@@ -67,6 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "kv-waste": "pagedfleet.bench.kv_waste",
         "scheduler-cost": "pagedfleet.bench.scheduler_cost",
         "cpu-throughput": "pagedfleet.bench.cpu_throughput",
+        "serve": "pagedfleet.bench.serve",
     }[args.name]
     return importlib.import_module(module).main(args.rest) or 0
 
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         s.set_defaults(func=lambda a, e=e: (print(f"serve unavailable: {e}", file=sys.stderr), 1)[1])
 
     b = sub.add_parser("bench", help="benchmarks that print JSON")
-    b.add_argument("name", choices=["kv-waste", "scheduler-cost", "cpu-throughput"])
+    b.add_argument("name", choices=["kv-waste", "scheduler-cost", "cpu-throughput", "serve"],
+                   help="serve: a streaming load against a running gateway (pagedfleet/bench/serve.py)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
 
