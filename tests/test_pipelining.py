@@ -65,3 +65,79 @@ def test_pipelined_outputs_equal_synchronous(mode):
     assert len(sync[ABORT_ID][0][0]) == ABORT_AFTER  # nothing sampled after the abort is shown
     assert sync["r1"][0][1].endswith(" 6,")  # the stop string is cut exactly
     assert len(sync["r4"]) == 3 and len(sync["r7"]) == 2
+
+
+# ---------------------------------------------------------------------- the ledger under pipelining
+# The ledger property tests' fake worker (tests/scheduler_fakes.py) samples each token from (seed, index,
+# position) and checks every K/V read through the block tables, so a pipelined run must give the tokens of
+# a synchronous one, with the ledger consistent after every plan and every update.
+import collections  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import test_ledger_properties as lp  # noqa: E402
+from scheduler_fakes import drive  # noqa: E402
+
+
+def drive_pipelined(s, w, lookahead: int = 1, abort_at: dict | None = None, max_steps: int = 20000):
+    """``drive`` with up to ``1 + lookahead`` plans in flight; ``abort_at``: {update number: request id}."""
+    tokens: dict = {}
+    reasons: dict = {}
+    q: collections.deque = collections.deque()
+    updates = 0
+    while s.has_unfinished_requests() or q:
+        while len(q) < 1 + lookahead:
+            plan = s.schedule() if s.num_in_flight == 0 else s.schedule_ahead()
+            if plan is None:
+                break
+            s.check_invariants()
+            lp.check_step(s, plan)
+            q.append(w.execute(plan))  # the worker runs the plans in order, ahead of the updates
+            if s.num_in_flight == 0:
+                break
+        for d in s.update(q.popleft()):
+            for o in d.outputs:
+                tokens.setdefault(d.request_id, {}).setdefault(o.index, []).extend(o.token_ids)
+                if o.finish_reason is not None:
+                    reasons.setdefault(d.request_id, {})[o.index] = o.finish_reason
+        s.check_invariants()
+        updates += 1
+        assert updates <= max_steps, "no progress"
+        if abort_at and updates in abort_at:
+            s.abort_request(abort_at[updates])
+    return tokens, reasons
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=lp.configs, reqs=st.lists(lp.arrivals, min_size=1, max_size=10), lookahead=st.sampled_from([1, 2]))
+def test_pipelined_ledger_runs_equal_synchronous(cfg, reqs, lookahead):
+    runs = []
+    for pipelined in (False, True):
+        s, w = lp.build(cfg)
+        for i, a in enumerate(reqs):
+            try:
+                s.add_request(lp.make_request(i, a))
+            except ValueError:
+                continue
+        out = drive_pipelined(s, w, lookahead) if pipelined else drive(s, w)[:2]
+        lp.assert_all_free(s)
+        runs.append(out)
+    assert runs[0] == runs[1]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=lp.configs, reqs=st.lists(lp.arrivals, min_size=2, max_size=10),
+       aborts=st.dictionaries(st.integers(1, 30), st.integers(0, 9), max_size=4))
+def test_pipelined_aborts_keep_the_ledger_consistent(cfg, reqs, aborts):
+    s, w = lp.build(cfg)
+    for i, a in enumerate(reqs):
+        try:
+            s.add_request(lp.make_request(i, a))
+        except ValueError:
+            continue
+    _, reasons = drive_pipelined(s, w, 1, {k: f"r{v % len(reqs)}" for k, v in aborts.items()})
+    lp.assert_all_free(s)
+    plan = s.schedule()  # the last frees reach the worker
+    s.update(w.execute(plan))
+    assert not w.seqs
