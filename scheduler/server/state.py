@@ -80,6 +80,7 @@ class WorkerHandle:
         # wire step ids are unique across scheduler restarts, so a stale StepResult never matches
         self.step_offset = int(time.time() * 1000) * 1000 + random.randrange(1000)
         self.in_flight: collections.deque[InFlightStep] = collections.deque()  # oldest first
+        self.last_result_at = 0.0  # perf_counter() when its last StepResult was taken
         self.dead = False
         self.task: asyncio.Task | None = None
         self.steps = 0

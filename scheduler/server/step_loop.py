@@ -99,7 +99,11 @@ class StepLoop:
         """Wait for the oldest step's result and apply it."""
         step = h.in_flight[0]
         res, entry_id = await step.result
-        rtt = time.perf_counter() - step.sent_at
+        now = time.perf_counter()
+        # pipelined, a plan waits on the worker's stream while the one before it runs: its round trip starts
+        # when the worker could take it (its predecessor's result)
+        rtt = now - max(step.sent_at, h.last_result_at)
+        h.last_result_at = now
         h.in_flight.popleft()
         res.step_id = step.internal_step
         if res.error:
