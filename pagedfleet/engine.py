@@ -82,6 +82,8 @@ class LLMEngine:
             if not hasattr(config, k):
                 raise TypeError(f"unknown engine option {k!r}")
             setattr(config, k, v)
+        if config.lookahead < 0:
+            raise ValueError("lookahead: must be >= 0")
         self.config = config
         files = resolve_model(config.model)
         self.model_name = files.name
@@ -97,8 +99,6 @@ class LLMEngine:
         self.max_model_len = self.worker_info.max_model_len
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
-        if config.lookahead < 0:
-            raise ValueError("lookahead: must be >= 0")
         self._max_in_flight = 1 + (config.lookahead if config.pipeline else 0)
         self._in_flight: collections.deque[Future] = collections.deque()  # results of the plans sent, oldest first
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedfleet-model") if config.pipeline else None

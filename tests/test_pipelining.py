@@ -141,3 +141,13 @@ def test_pipelined_aborts_keep_the_ledger_consistent(cfg, reqs, aborts):
     plan = s.schedule()  # the last frees reach the worker
     s.update(w.execute(plan))
     assert not w.seqs
+
+
+def test_pipeline_settings_and_flags():
+    from scheduler.server.config import SchedulerSettings
+
+    assert SchedulerSettings().max_plans_in_flight == 2
+    assert SchedulerSettings.from_cli(["--no-pipeline"]).max_plans_in_flight == 1
+    assert SchedulerSettings.from_cli(["--pipeline-lookahead", "3"]).max_plans_in_flight == 4
+    with pytest.raises(ValueError, match="lookahead"):
+        LLMEngine(lookahead=-1)
