@@ -23,6 +23,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks of the worker's tensor-parallel group (this process + N-1 spawned; gloo on the CPU, "
                         "NCCL on CUDA)")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="plan, run and apply one step at a time (default: plan the next step while one runs)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -45,6 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
             num_gpu_blocks=args.num_gpu_blocks, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
             enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+            pipeline=not args.no_pipeline,
         )
     except ValueError as e:  # e.g. heads that the tensor-parallel size does not divide
         print(f"error: {e}", file=sys.stderr)
@@ -74,6 +77,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "kv-waste": "pagedfleet.bench.kv_waste",
         "scheduler-cost": "pagedfleet.bench.scheduler_cost",
         "cpu-throughput": "pagedfleet.bench.cpu_throughput",
+        "serve": "pagedfleet.bench.serve",
     }[args.name]
     return importlib.import_module(module).main(args.rest) or 0
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         s.set_defaults(func=lambda a, e=e: (print(f"serve unavailable: {e}", file=sys.stderr), 1)[1])
 
     b = sub.add_parser("bench", help="benchmarks that print JSON")
-    b.add_argument("name", choices=["kv-waste", "scheduler-cost", "cpu-throughput"])
+    b.add_argument("name", choices=["kv-waste", "scheduler-cost", "cpu-throughput", "serve"],
+                   help="serve: a streaming load against a running gateway (pagedfleet/bench/serve.py)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
 

@@ -7,9 +7,11 @@ output deltas and applies stop strings (which need text, so the scheduler cannot
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,10 @@ class EngineConfig:
     # other libraries move to the permanent generation, so a full collection (triggered every few dozen
     # steps by the per-step messages) no longer walks them: ~100 ms each on a busy CPU, ~2 ms per step
     freeze_gc: bool = True
+    # pipelined scheduling (scheduler/lookahead.py): plan step N+1 while the model runs step N (in a worker
+    # thread); ``lookahead`` plans ahead at most (1: two plans in flight). False: plan, run, apply, in turn.
+    pipeline: bool = True
+    lookahead: int = 1
     extra_worker: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +85,8 @@ class LLMEngine:
             if not hasattr(config, k):
                 raise TypeError(f"unknown engine option {k!r}")
             setattr(config, k, v)
+        if config.lookahead < 0:
+            raise ValueError("lookahead: must be >= 0")
         self.config = config
         files = resolve_model(config.model)
         self.model_name = files.name
@@ -98,6 +106,9 @@ class LLMEngine:
         self.max_model_len = self.worker_info.max_model_len
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+        self._max_in_flight = 1 + (config.lookahead if config.pipeline else 0)
+        self._in_flight: collections.deque[Future] = collections.deque()  # results of the plans sent, oldest first
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedfleet-model") if config.pipeline else None
         if config.freeze_gc:
             gc.collect()
             gc.freeze()
@@ -163,14 +174,19 @@ class LLMEngine:
             self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or self.scheduler.has_unfinished_requests()
+        return bool(self._requests) or bool(self._in_flight) or self.scheduler.has_unfinished_requests()
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, execute, apply. Returns the requests that changed."""
-        plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
-        deltas = self.scheduler.update(result)
+        """One iteration: schedule, execute, apply. Returns the requests that changed.
+
+        Pipelined: keep up to ``1 + lookahead`` plans queued on the model thread (the next ones planned while
+        the oldest runs), then apply the oldest result."""
+        if self._executor is None:
+            deltas = self.scheduler.update(self.runner.execute(self.scheduler.schedule()))
+        else:
+            self._fill_pipeline()
+            deltas = self.scheduler.update(self._in_flight.popleft().result())
         changed = []
         for delta in deltas:
             state = self._requests.get(delta.request_id)
@@ -181,6 +197,19 @@ class LLMEngine:
             if state.output.finished:
                 del self._requests[delta.request_id]
         return changed
+
+    def _fill_pipeline(self) -> None:
+        sched = self.scheduler
+        while len(self._in_flight) < self._max_in_flight:
+            if sched.num_in_flight == 0:
+                if self._in_flight:
+                    break  # an empty plan is queued: nothing to plan ahead of
+                plan = sched.schedule()
+            else:
+                plan = sched.schedule_ahead()
+                if plan is None:
+                    break  # this step needs the results first: synchronous
+            self._in_flight.append(self._executor.submit(self.runner.execute, plan))
 
     def _apply_delta(self, state: _RequestState, delta: RequestOutputDelta) -> None:
         out, processor = state.output, state.processor

@@ -68,6 +68,7 @@ def schedule_chunk(sched: Scheduler, g: SequenceGroup, s: Sequence, k: int, ups:
                                                      seq_index=c.seq_index) for c in children])
     for child in children:  # after the parent: update() advances them the same way
         plan.record.append((child, k, True))
+        child.num_inflight, child.inflight_samples = k, 1
 
 
 def schedule_prefills(sched: Scheduler, plan: PlanBuilder) -> None:

@@ -45,8 +45,10 @@ def apply_result(sched: Scheduler, step: ScheduledStep, result: StepResult) -> l
     touched: list[SequenceGroup] = []  # groups with several deltas this step (sent together)
     beam_groups: list[SequenceGroup] = []
     for seq, k, sample in step.record:
+        seq.num_inflight -= k
+        seq.inflight_samples -= sample
         if seq.status is _FINISHED:
-            continue  # aborted while the step ran
+            continue  # aborted while the step ran (or, pipelined, finished by the step before it)
         c = seq.num_computed_tokens + k
         seq.num_computed_tokens = c
         if caching and c // bs > seq.num_cached_blocks:
@@ -168,7 +170,9 @@ def fail_step(sched: Scheduler, record: list[RecordEntry], error: str) -> list[R
     """The worker failed the step: every request in it finishes with an error."""
     out = []
     seen = set()
-    for seq, _, _ in record:
+    for seq, k, sample in record:
+        seq.num_inflight -= k
+        seq.inflight_samples -= sample
         g = seq.group
         if g.request_id in seen or g.status is _FINISHED:
             continue

@@ -2,8 +2,8 @@
 
 ``schedule()`` fills one ``PlanBuilder`` (its token budget and the plan's lists) and keeps a
 ``ScheduledStep`` (what each scheduled sequence computes) until ``update()`` applies the worker's result.
-Keeping both in small objects rather than on the scheduler leaves room for two plans per worker in
-flight (pipelined scheduling).
+Keeping both in small objects rather than on the scheduler lets several plans per worker be in flight
+(pipelined scheduling, scheduler/lookahead.py).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class PlanBuilder:
             block_updates=block_updates, append_token_ids=seq.take_pending_append(), sample=sample,
             fork_children=fork_children if fork_children is not None else []))
         self.record.append((seq, num_tokens, sample))
+        seq.num_inflight += num_tokens
+        seq.inflight_samples += sample
         self.budget -= num_tokens
 
     def build(self, worker_id: str, freed_seq_ids: list[int]) -> StepPlan:
@@ -55,3 +57,9 @@ class PlanBuilder:
     def in_flight(self) -> ScheduledStep | None:
         """What ``update()`` must apply for this plan (None: nothing was scheduled)."""
         return ScheduledStep(self.step_id, self.record) if self.record else None
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing for the worker to do (no entries, transfers, new sequences or forks)."""
+        return not (self.record or self.swap_out or self.swap_in or self.copies or self.new_sequences
+                    or self.forks)

@@ -22,13 +22,14 @@ output.py (results -> finish checks -> deltas), stats.py, queues.py and plan_bui
 
 from __future__ import annotations
 
+import collections
 import random
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.messages import FinishReason, GenerationRequest, RequestOutputDelta, StepPlan, StepResult, WorkerInfo
-from scheduler import admission, forking, output, preemption, stats
+from scheduler import admission, forking, lookahead, output, preemption, stats
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.plan_builder import PlanBuilder, ScheduledStep
 from scheduler.queues import RequestQueues
@@ -87,11 +88,13 @@ class Scheduler:
         self._next_seq_id = 0
         self._arrivals = 0
         self._step_id = 0
-        self._in_flight: ScheduledStep | None = None  # the last plan, until update() applies its result
+        # the plans sent and not yet applied, oldest first (more than one only when pipelined: schedule_ahead)
+        self._in_flight: collections.deque[ScheduledStep] = collections.deque()
         self._pending_freed: list[int] = []  # sequences the worker must drop in the next plan
         self.pending_deltas: list[RequestOutputDelta] = []  # final deltas made outside a step's results
         # counters
         self.num_steps = 0
+        self.num_steps_ahead = 0  # of them, planned ahead of the results in flight (pipelined)
         self.num_preemptions_swap = 0
         self.num_preemptions_recompute = 0
         self.num_finished = 0
@@ -239,16 +242,47 @@ class Scheduler:
     # ================================================================== schedule / update
     def schedule(self) -> StepPlan:
         """One step: (1) running decodes, (2) running prefill chunks, (3) admission, in queue order."""
-        if self._in_flight is not None:
-            raise RuntimeError(f"schedule() called again before update() for step {self._in_flight.step_id}")
+        if self._in_flight:
+            raise RuntimeError(f"schedule() called again before update() for step {self._in_flight[-1].step_id}"
+                               " (schedule_ahead() plans while steps are in flight)")
         self._step_id += 1
         plan = PlanBuilder(self._step_id, self.config.max_num_batched_tokens)
+        self._schedule_passes(plan)
+        step = plan.in_flight()
+        if step is not None:
+            self._in_flight.append(step)
+        return self._finish_plan(plan)
+
+    def schedule_ahead(self) -> StepPlan | None:
+        """Pipelined scheduling: the next plan while the earlier ones run, assuming every sequence they
+        sample gets its token (scheduler/lookahead.py). None: no plan can be made ahead (nothing to do, or a
+        step that needs the results first): apply the oldest result with ``update()``, then plan again."""
+        if not self._in_flight:
+            return self.schedule()
+        self._step_id += 1
+        plan = PlanBuilder(self._step_id, self.config.max_num_batched_tokens)
+        if not lookahead.schedule_speculative(self, plan, self._in_flight):
+            return None
+        self._schedule_passes(plan)
+        if plan.is_empty:
+            return None  # (the step id stays used: the in-flight groups are marked with it)
+        self._in_flight.append(plan.in_flight() or ScheduledStep(plan.step_id, []))
+        self.num_steps_ahead += 1
+        return self._finish_plan(plan)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Plans sent and not yet applied by ``update()``."""
+        return len(self._in_flight)
+
+    def _schedule_passes(self, plan: PlanBuilder) -> None:
         self._schedule_decodes(plan)
         admission.schedule_prefills(self, plan)
         admission.admit_queued(self, plan)
+
+    def _finish_plan(self, plan: PlanBuilder) -> StepPlan:
         freed = self._pending_freed
         self._pending_freed = []
-        self._in_flight = plan.in_flight()
         self.num_steps += 1
         return plan.build(self.worker.worker_id, freed)
 
@@ -262,8 +296,8 @@ class Scheduler:
         while i < len(running):
             g = running[i]
             i += 1
-            if g.needs_fork or g.parked:
-                continue  # prefilling: pass 2
+            if g.needs_fork or g.parked or g.scheduled_step == step:
+                continue  # prefilling: pass 2 (or, pipelined, in a plan in flight)
             work = [(s, 1) for s in g.live if s.num_uncomputed_tokens > 0]
             if not work or any(s.num_uncomputed_tokens != 1 for s, _ in work):
                 continue
@@ -285,11 +319,13 @@ class Scheduler:
                 plan.add(s, 1, u, True)
 
     def update(self, result: StepResult) -> list[RequestOutputDelta]:
-        """Apply the worker's result of the last plan; returns one delta per request with news."""
-        step = self._in_flight
+        """Apply the worker's result of the oldest plan in flight; returns one delta per request with news."""
+        step = self._in_flight[0] if self._in_flight else None
         if step is not None and result.step_id != step.step_id:
-            raise ValueError(f"StepResult for step {result.step_id} but the last plan was step {step.step_id}")
-        self._in_flight = None
+            raise ValueError(f"StepResult for step {result.step_id} but the oldest plan in flight is step "
+                             f"{step.step_id}")
+        if step is not None:
+            self._in_flight.popleft()
         deltas = self.pending_deltas
         self.pending_deltas = []
         if step is None:

@@ -54,6 +54,8 @@ class Sequence:
         "cumulative_logprob",
         "beam_candidates",
         "compute_limit",
+        "num_inflight",
+        "inflight_samples",
     )
 
     def __init__(self, seq_id: int, request_id: str, token_ids: list[int], prompt_len: int, seq_index: int = 0,
@@ -74,6 +76,10 @@ class Sequence:
         self.beam_candidates: list[TokenLogprob] | None = None  # beam search: this step's top candidates
         # recompute of a forked group: the root computes only its prompt before the others fork from it
         self.compute_limit: int | None = None
+        # pipelined scheduling: tokens computed by plans sent and not yet applied, and how many of those
+        # plans sample it (tokens the worker has and the scheduler does not know yet)
+        self.num_inflight = 0
+        self.inflight_samples = 0
 
     # ------------------------------------------------------------------ lengths
     @property

@@ -33,6 +33,9 @@ class SchedulerSettings(ServiceSettings):
     preemption_mode: Literal["auto", "swap", "recompute"] = Field(
         "auto", description="out of KV blocks: swap to CPU blocks or recompute later (auto: swap when it fits)")
     max_model_len: int | None = Field(None, description="context limit (default: each worker's)")
+    # pipelined scheduling (scheduler/lookahead.py): each worker's next plan is made while it runs the last
+    pipeline: bool = Field(True, description="plan step N+1 while step N runs (--no-pipeline: one at a time)")
+    pipeline_lookahead: int = Field(1, ge=1, description="plans made ahead per worker when pipelined")
     # the fleet
     monitor_interval: float = Field(0.25, description="seconds between liveness checks")
     max_resumes: int = Field(3, description="a request that loses more workers fails")
@@ -57,6 +60,11 @@ class SchedulerSettings(ServiceSettings):
     reclaim_idle_s: float = Field(S.RECLAIM_IDLE_S,
                                   description="entries pending this long on one consumer are reclaimed")
     housekeeping_period_s: float = Field(15.0, description="seconds between reclaims (expiry and trims: twice that)")
+
+    @property
+    def max_plans_in_flight(self) -> int:
+        """Plans a worker may have in flight at once."""
+        return 1 + self.pipeline_lookahead if self.pipeline else 1
 
     def scheduler_config(self) -> SchedulerConfig:
         """The policy's configuration for every worker's Scheduler."""

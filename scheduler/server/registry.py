@@ -116,7 +116,7 @@ class WorkerRegistry:
         except ValueError as e:
             log.error("cannot build a Scheduler for worker %s: %s", reg.info.worker_id, e)
             return None
-        h = WorkerHandle(reg, sched)
+        h = WorkerHandle(reg, sched, s.settings.max_plans_in_flight)
         s.workers[h.wid] = h
         if s.metrics is not None:
             s.metrics.register_worker(reg.info)

@@ -71,11 +71,10 @@ class InFlightStep:
 class WorkerHandle:
     """A live worker: its registration, its Scheduler (block ledger), its requests and its steps in flight."""
 
-    # plans a worker may have in flight at once; 1 today (plan, wait, update); pipelined scheduling raises it
-    MAX_IN_FLIGHT = 1
-
-    def __init__(self, reg: S.WorkerRegistration, sched: Scheduler):
+    def __init__(self, reg: S.WorkerRegistration, sched: Scheduler, max_in_flight: int = 1):
         self.reg = reg
+        # plans this worker may have in flight at once: 1 (plan, wait, update), or 1 + lookahead pipelined
+        self.max_in_flight = max_in_flight
         self.wid = reg.info.worker_id
         self.sched = sched
         self.requests: set[str] = set()
@@ -83,6 +82,7 @@ class WorkerHandle:
         # wire step ids are unique across scheduler restarts, so a stale StepResult never matches
         self.step_offset = int(time.time() * 1000) * 1000 + random.randrange(1000)
         self.in_flight: collections.deque[InFlightStep] = collections.deque()  # oldest first
+        self.last_result_at = 0.0  # perf_counter() when its last StepResult was taken
         self.dead = False
         self.task: asyncio.Task | None = None
         self.steps = 0

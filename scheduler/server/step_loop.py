@@ -3,8 +3,9 @@
 publisher. One asyncio task per worker.
 
 The plans sent and not yet answered are ``WorkerHandle.in_flight`` (oldest first), bounded by
-``WorkerHandle.MAX_IN_FLIGHT`` (1 today): pipelined scheduling (plan step N+1 while step N runs) raises the
-bound and splits ``_step`` into its send half and its receive half."""
+``WorkerHandle.max_in_flight``: 1 + the settings' ``pipeline_lookahead`` when ``pipeline`` is on (the next
+plans are made by ``Scheduler.schedule_ahead`` while the worker runs the oldest, so the worker finds its next
+plan already queued on its stream), 1 with ``--no-pipeline``. A worker's results arrive in plan order."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import ResponseError
 
-from protocol import StepResult
+from protocol import StepPlan, StepResult
 from protocol import streams as S
 from protocol.job_store import set_job_status
 from protocol.redis_conn import retry_forever
@@ -59,21 +60,34 @@ class StepLoop:
             await asyncio.wait_for(h.wake.wait(), timeout=timeout)
 
     async def _step(self, h: WorkerHandle) -> None:
+        """Send plans until ``h.max_in_flight`` are in flight (the first planned synchronously, the next ahead
+        of their predecessors' results when pipelined), then apply the oldest result."""
         sched = h.sched
-        if not sched.has_unfinished_requests():
-            await self._idle(h, 1.0)
-            return
-        t0 = time.perf_counter()
-        plan = sched.schedule()
-        t_sched = time.perf_counter() - t0
-        if plan.is_empty and not plan.new_sequences and not plan.forks:
-            # nothing for the worker: collect what the Scheduler has to say (aborts) without a round trip
-            deltas = sched.update(StepResult(worker_id=h.wid, step_id=plan.step_id))
-            if deltas:
-                await self.publisher.apply_deltas(h, deltas, None)
-            else:
-                await self._idle(h, 0.05)
-            return
+        if not h.in_flight:
+            if not sched.has_unfinished_requests():
+                await self._idle(h, 1.0)
+                return
+            t0 = time.perf_counter()
+            plan = sched.schedule()
+            t_sched = time.perf_counter() - t0
+            if plan.is_empty and not plan.new_sequences and not plan.forks:
+                # nothing for the worker: collect what the Scheduler has to say (aborts) without a round trip
+                deltas = sched.update(StepResult(worker_id=h.wid, step_id=plan.step_id))
+                if deltas:
+                    await self.publisher.apply_deltas(h, deltas, None)
+                else:
+                    await self._idle(h, 0.05)
+                return
+            await self._send(h, plan, t_sched)
+        while len(h.in_flight) < h.max_in_flight and sched.num_in_flight:
+            t0 = time.perf_counter()
+            plan = sched.schedule_ahead()
+            if plan is None:
+                break  # the next step needs the results first
+            await self._send(h, plan, time.perf_counter() - t0)
+        await self._receive(h)
+
+    async def _send(self, h: WorkerHandle, plan: StepPlan, t_sched: float) -> None:
         step = InFlightStep(plan=plan, wire_step=h.next_wire_step(), internal_step=plan.step_id,
                             result=asyncio.get_running_loop().create_future(), schedule_s=t_sched, sent_at=0.0)
         plan.worker_id = h.wid
@@ -87,14 +101,22 @@ class StepLoop:
         await retry_forever(lambda: self.state.r.xadd(S.plan_stream(h.wid), fields, maxlen=S.PLAN_MAXLEN,
                                                       approximate=True),
                             what=f"send plan to {h.wid}", log=log, stop_event=self.state.stopping)
+
+    async def _receive(self, h: WorkerHandle) -> None:
+        """Wait for the oldest step's result and apply it."""
+        step = h.in_flight[0]
         res, entry_id = await step.result
-        rtt = time.perf_counter() - step.sent_at
+        now = time.perf_counter()
+        # pipelined, a plan waits on the worker's stream while the one before it runs: its round trip starts
+        # when the worker could take it (its predecessor's result)
+        rtt = now - max(step.sent_at, h.last_result_at)
+        h.last_result_at = now
         h.in_flight.popleft()
         res.step_id = step.internal_step
         if res.error:
             log.error("worker %s failed step %s: %s", h.wid, step.wire_step, res.error)
         t2 = time.perf_counter()
-        deltas = sched.update(res)  # a failed step finishes its requests with the error
+        deltas = h.sched.update(res)  # a failed step finishes its requests with the error
         await self.publisher.apply_deltas(h, deltas, entry_id)
         self._observe(h, step, res, rtt, time.perf_counter() - t2)
 
