@@ -30,7 +30,8 @@ from gpu_worker.input_batch import InputBatch, SeqState, StepInputs
 from gpu_worker.loader import init_random_weights, load_weights
 from gpu_worker.models.llama import LlamaArgs, LlamaForCausalLM
 from gpu_worker.sampler import Sampler, SampleRequest, prompt_logprobs
-from gpu_worker.structured_output import GrammarCompiler, GrammarStep
+from gpu_worker.structured_output import GrammarStep
+from model_io.grammar import GrammarCompiler
 from gpu_worker.step_outputs import StepOutputs, greedy_outputs, step_result, token_logprobs
 from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, TokenLogprob, WorkerInfo
 
