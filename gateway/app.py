@@ -7,51 +7,25 @@ routes through FastAPI dependencies; requests and jobs live in Redis, so replica
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from protocol.redis_conn import async_client
 from fastapi import FastAPI
 
-from gateway import job_routes, routes
+from gateway import batch_routes, files_routes, job_routes, routes
+from gateway.auth import ApiKeyAuth
 from gateway.body_limit import BodySizeLimit
+from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
 from gateway.responses import TokenText
+from gateway.model_info import load_model_info
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("pagedfleet.gateway")
-
-
-def load_model_info(settings: GatewaySettings) -> ModelInfo:
-    """The served model's tokenizer and limits (from its files; the workers' WorkerInfo overrides)."""
-    from model_io.tokenizer import Tokenizer
-
-    model_dir: Path | None = Path(settings.model_dir) if settings.model_dir else None
-    name = settings.served_model_name
-    if model_dir is None:
-        from model_io.model_files import resolve_model
-
-        files = resolve_model(settings.model)
-        model_dir = Path(files.path) if files.path is not None else None
-        name = name or files.name
-    name = name or settings.model or (model_dir.name if model_dir else "default")
-    tokenizer = Tokenizer(model_dir) if model_dir is not None and (model_dir / "tokenizer.json").exists() else None
-    max_len, vocab = settings.max_model_len, None
-    cfg = model_dir / "config.json" if model_dir is not None else None
-    if cfg is not None and cfg.exists():
-        c = json.loads(cfg.read_text())
-        max_len = max_len or c.get("max_position_embeddings")
-        vocab = c.get("vocab_size")
-    aliases = {name}
-    if settings.model:
-        aliases.add(settings.model)
-    return ModelInfo(name=name, aliases=aliases, model_dir=model_dir, tokenizer=tokenizer,
-                     default_max_model_len=int(max_len or 2048), vocab_size=vocab)
 
 
 def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None) -> FastAPI:
@@ -64,6 +38,7 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
         pool = r.connection_pool
         app.state.fleet = FleetClient(r, info, settings)
+        app.state.files = FileStore(r, settings)
         app.state.token_text = TokenText(info.tokenizer)
         try:
             from gateway.metrics import gateway_metrics
@@ -77,11 +52,15 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
         await pool.aclose()
 
     app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       per_path={"/v1/files": settings.max_file_bytes + 64 * 1024})  # + the multipart framing
+    keys = settings.all_api_keys()
+    app.add_middleware(ApiKeyAuth, keys=keys, settings=settings)  # added last: runs first
     app.state.settings = settings
+    app.state.auth_enabled = bool(keys)
     app.state.metrics = None
-    app.include_router(routes.router)
-    app.include_router(job_routes.router)
+    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router):
+        app.include_router(router)
 
     try:
         from gateway.metrics import gateway_metrics
@@ -122,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--scheduler-url", default=None, help="the scheduler service (default: $PAGEDFLEET_SCHEDULER_URL "
                                                          "or http://127.0.0.1:8001)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="a key clients must send (repeatable; default: $PAGEDFLEET_API_KEY(S); none: open API)")
+    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line")
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in {"host": a.host, "port": a.port, "redis_url": a.redis_url, "model": a.model,
                                    "model_dir": a.model_dir, "served_model_name": a.served_model_name,
-                                   "scheduler_url": a.scheduler_url}.items()
+                                   "scheduler_url": a.scheduler_url, "api_keys": a.api_key,
+                                   "api_key_file": a.api_key_file}.items()
                  if v is not None}
     settings = GatewaySettings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -37,6 +37,8 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from gateway.auth import redact_request_ids
+
 PAGE = Path(__file__).parent / "static" / "block_map.html"
 DEFAULT_SCHEDULER_URL = "http://127.0.0.1:8001"
 
@@ -65,16 +67,17 @@ def make_block_map_router(source: Callable[[], Any] | None = None, scheduler_url
             data = source()
             if inspect.isawaitable(data):
                 data = await data
-            return JSONResponse(data, headers=headers)
+            return JSONResponse(await redact_request_ids(request, data), headers=headers)
         url = scheduler_url_for(request, scheduler_url) + "/block-map"
         try:
             async with httpx.AsyncClient(timeout=timeout_s) as client:
                 r = await client.get(url)
             r.raise_for_status()
-            return JSONResponse(r.json(), headers=headers)
+            data = r.json()
         except Exception as e:  # the page shows the error and keeps polling
             return JSONResponse({"workers": [], "error": f"scheduler block map at {url}: {e}"},
                                 status_code=502, headers=headers)
+        return JSONResponse(await redact_request_ids(request, data), headers=headers)
 
     return router
 

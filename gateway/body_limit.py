@@ -23,21 +23,25 @@ def _too_large(limit: int) -> tuple[dict, bytes]:
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
+    """`per_path`: other limits for some paths (file uploads take `max_file_bytes`)."""
 
-    async def _refuse(self, send: Send) -> None:
-        start, body = _too_large(self.max_bytes)
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None):
+        self.app = app
+        self.default_max_bytes = max_bytes
+        self.per_path = per_path or {}
+
+    async def _refuse(self, send: Send, limit: int) -> None:
+        start, body = _too_large(limit)
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.per_path.get(scope.get("path", ""), self.default_max_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._refuse(send, limit)
         seen = 0
         refused = False
         started = False
@@ -49,10 +53,10 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     refused = True
                     if not started:
-                        await self._refuse(send)
+                        await self._refuse(send, limit)
                     return {"type": "http.disconnect"}  # the app stops reading; its answer is dropped
             return message
 

@@ -21,8 +21,10 @@ _JOB_TAGS = ("completion", "chat")
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers
         self.message = message
         self.param = param
         self.status_code = status_code
@@ -97,7 +99,7 @@ def install_error_handlers(app: FastAPI, fleet_error: type[Exception]) -> None:
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
-        return error_response(exc.status_code, exc.message, exc.param, exc.code)
+        return error_response(exc.status_code, exc.message, exc.param, exc.code, headers=exc.headers)
 
     @app.exception_handler(fleet_error)
     async def _fleet(request: Request, exc):

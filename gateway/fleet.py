@@ -21,8 +21,13 @@ from protocol import streams as S
 from protocol.redis_conn import OUTAGE_ERRORS, Outage
 from protocol.job_store import set_job_status
 from protocol.jobs import JobMeta, JobStatus
+from gateway.listing import owner_index
 
 log = logging.getLogger("pagedfleet.gateway")
+
+
+def job_index(owner: str) -> str:
+    return owner_index("jobs", owner)
 
 
 class FleetError(Exception):
@@ -172,12 +177,16 @@ class FleetClient:
             raise FleetError(f"request {request_id} was lost when Redis restarted; send it again", 503)
 
     # ---- jobs -----------------------------------------------------------------------------------
-    async def create_job(self, meta: JobMeta) -> None:
+    async def create_job(self, meta: JobMeta, owner: str = "") -> None:
+        """`owner`: the hash of the caller's API key (gateway/auth.py); "" when the API is open."""
         key = S.job_key(meta.job_id)
         now = repr(time.time())
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(key, mapping={"meta": meta.model_dump_json(), "status": JobStatus.QUEUED.value,
-                                 "updated_at": now})
+                                 "updated_at": now, "owner": owner})
+            p.zadd(job_index(owner), {meta.job_id: meta.created_at})
+            p.zremrangebyscore(job_index(owner), "-inf", meta.created_at - meta.ttl_s * 2 - 3600)  # long gone
+            p.expire(job_index(owner), meta.ttl_s * 2 + 3600)
             # a backstop: housekeeping deletes finished jobs after their TTL; this catches leaks
             p.expire(key, meta.ttl_s * 2 + 3600)
             await p.execute()

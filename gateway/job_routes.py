@@ -1,5 +1,6 @@
-"""The job API: POST /v1/jobs (a completion or chat body, answered at once with 202), GET and
-DELETE /v1/jobs/{id}. Jobs live in Redis; any gateway replica can answer for any job."""
+"""The job API: POST /v1/jobs (a completion or chat body, answered at once with 202), GET /v1/jobs (the
+caller's jobs, newest first, paginated, filtered by status), GET and DELETE /v1/jobs/{id}. Jobs live in
+Redis; any gateway replica can answer for any job. A job is visible only to the key that made it."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
 from gateway.api_models import ErrorResponse, JobChatRequest, JobRequest, JobView
+from gateway.auth import Owner
 from gateway.deps import Fleet, JsonBody, Texts
 from gateway.errors import BadRequest
-from gateway.fleet import FleetClient
+from gateway.fleet import FleetClient, job_index
+from gateway.listing import page
 from gateway.prepare import prepare_chat, prepare_completion, submit
 from gateway.responses import TokenText, chat_response, completion_response, new_id
 from gateway.routes import ERRORS
 from model_io.output_processor import RequestOutputProcessor
+from protocol import streams as S
 from protocol.jobs import TERMINAL_JOB_STATUSES, JobMeta, JobStatus, final_job_status
 
 log = logging.getLogger("pagedfleet.gateway")
@@ -95,7 +99,7 @@ async def assemble_job(fleet: FleetClient, raw: dict, tt: TokenText) -> dict | N
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobView, responses=ERRORS, dependencies=[JsonBody])
-async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Texts):
+async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Texts, owner: Owner):
     job_id = new_id("job")
     kind = "chat" if isinstance(body, JobChatRequest) else "completion"
     if kind == "chat":
@@ -111,23 +115,39 @@ async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Text
                      prompt_token_ids=prep.prompts[0], sampling=prep.params,
                      include_stop_str_in_output=body.include_stop_str_in_output, want_logprobs=want_lp,
                      created_at=time.time(), ttl_s=fleet.settings.job_ttl_s)
-    await fleet.create_job(meta)
+    await fleet.create_job(meta, owner)
     await submit(fleet, prep, job_id=job_id)
     fleet.spawn(run_job(fleet, meta, tt))
     raw = await fleet.get_job(job_id)
     return JSONResponse(_job_view(raw).model_dump(), status_code=202)
 
 
-async def _existing_job(fleet: FleetClient, job_id: str) -> dict:
+async def _existing_job(fleet: FleetClient, job_id: str, owner: str) -> dict:
     raw = await fleet.get_job(job_id)
-    if raw is None or "meta" not in raw:
+    if raw is None or "meta" not in raw or raw.get("owner", "") != owner:
         raise BadRequest(f"job {job_id!r} does not exist (or expired)", "job_id", 404, "job_not_found")
     return raw
 
 
+@router.get("/v1/jobs", responses=ERRORS)
+async def list_jobs(fleet: Fleet, owner: Owner, limit: Annotated[int, Query()] = 20,
+                    after: Annotated[str | None, Query()] = None,
+                    status: Annotated[JobStatus | None, Query()] = None) -> dict:
+    """The caller's jobs, newest first: `{"object": "list", "data", "first_id", "last_id", "has_more"}`."""
+    async def load(ids: list[str]) -> list[dict | None]:
+        async with fleet.redis.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(S.job_key(i))
+            raws = await p.execute()
+        return [_job_view(raw).model_dump() if raw and "meta" in raw else None for raw in raws]
+
+    return await page(fleet.redis, job_index(owner), limit, after, load,
+                      lambda j: status is None or j["status"] == status.value)
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS)
-async def get_job(job_id: str, fleet: Fleet, tt: Texts):
-    raw = await _existing_job(fleet, job_id)
+async def get_job(job_id: str, fleet: Fleet, tt: Texts, owner: Owner):
+    raw = await _existing_job(fleet, job_id, owner)
     result = None
     if not raw.get("result") and raw.get("status") in TERMINAL_JOB_STATUSES:
         result = await assemble_job(fleet, raw, tt)
@@ -135,8 +155,8 @@ async def get_job(job_id: str, fleet: Fleet, tt: Texts):
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView, responses={**ERRORS, 409: {"model": ErrorResponse}})
-async def cancel_job(job_id: str, fleet: Fleet):
-    raw = await _existing_job(fleet, job_id)
+async def cancel_job(job_id: str, fleet: Fleet, owner: Owner):
+    raw = await _existing_job(fleet, job_id, owner)
     if raw.get("status") in TERMINAL_JOB_STATUSES:
         raise BadRequest(f"job {job_id!r} is already {raw['status']}", "job_id", 409, "job_finished")
     meta = JobMeta.model_validate_json(raw["meta"])

@@ -16,6 +16,7 @@ How gateway/app.py uses it (one ``GatewayMetrics`` per process; ``gateway_metric
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -174,14 +175,7 @@ class RequestTracker:
         self.m.in_flight.labels(self.model).dec()
 
 
-_default: GatewayMetrics | None = None
-_default_lock = threading.Lock()
-
-
+@functools.cache
 def gateway_metrics() -> GatewayMetrics:
     """The process-wide GatewayMetrics on the default registry (created once)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = GatewayMetrics()
-        return _default
+    return GatewayMetrics()

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from anyio import to_thread
 from pydantic import ValidationError
 
+from gateway import rate_limit
 from gateway.api_models import ChatCompletionRequest, CompletionRequest
+from gateway.auth import CALLER, record_request_owners
 from gateway.errors import BadRequest, validation_message
 from gateway import structured
 from gateway.fleet import FleetClient
@@ -148,7 +150,8 @@ async def prepare_completion(fleet: FleetClient, body: CompletionRequest, base_i
         await check_prompt(fleet, ids, max_tokens)
         prompts.append(ids)
     rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-    return Prepared(rids, prompts, params, model, body.priority, n=body.n, echo=body.echo, prompt_only=prompt_only)
+    return await _charged(fleet, Prepared(rids, prompts, params, model, body.priority, n=body.n, echo=body.echo,
+                                          prompt_only=prompt_only))
 
 
 async def prepare_chat(fleet: FleetClient, body: ChatCompletionRequest, base_id: str) -> Prepared:
@@ -161,7 +164,14 @@ async def prepare_chat(fleet: FleetClient, body: ChatCompletionRequest, base_id:
     if max_tokens is None:
         max_tokens = max(1, await fleet.max_model_len() - len(ids))
     params = sampling_params(body, max_tokens, await constraint_of(fleet, body), await fleet.vocab_size())
-    return Prepared([base_id], [ids], params, model, body.priority)
+    return await _charged(fleet, Prepared([base_id], [ids], params, model, body.priority))
+
+
+async def _charged(fleet: FleetClient, prep: Prepared) -> Prepared:
+    """The token-rate limit: the request's prompt tokens + max_tokens x n, charged to the caller's key."""
+    tokens = sum(len(p) for p in prep.prompts) + prep.params.max_tokens * prep.params.n * len(prep.prompts)
+    await rate_limit.charge_tokens(fleet.redis, fleet.settings, CALLER.get(), tokens)
+    return prep
 
 
 def chat_messages(messages) -> list[dict]:
@@ -203,5 +213,6 @@ def processors(fleet: FleetClient, prep: Prepared, include_stop: bool) -> list[R
 
 
 async def submit(fleet: FleetClient, prep: Prepared, job_id: str | None = None) -> None:
+    await record_request_owners(fleet.redis, fleet.settings.job_ttl_s, CALLER.get(), prep.request_ids)
     for rid, ids in zip(prep.request_ids, prep.prompts):
         await fleet.submit(make_request(rid, ids, prep.params, prep.priority), job_id=job_id)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class GatewaySettings(BaseSettings):
@@ -26,3 +29,41 @@ class GatewaySettings(BaseSettings):
     scheduler_url: str = Field("http://127.0.0.1:8001",
                                description="the scheduler service's HTTP address (the block-map proxy reads its "
                                            "/block-map); env PAGEDFLEET_SCHEDULER_URL")
+
+    # ---- API keys and rate limits (gateway/auth.py, gateway/rate_limit.py) -----------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("api_keys", "PAGEDFLEET_API_KEYS", "PAGEDFLEET_API_KEY"),
+        description="keys a client must send as `Authorization: Bearer KEY` (comma-separated in the environment; "
+                    "none: the API is open); env PAGEDFLEET_API_KEY or PAGEDFLEET_API_KEYS")
+    api_key_file: str | None = Field(None, description="a file of more API keys, one per line ('#' comments)")
+    rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key (a token bucket "
+                                                               "holding a minute's worth: that is the burst)")
+    rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key: prompt tokens + "
+                                                               "max_tokens x n, charged when a request is accepted")
+    # ---- files and the Batch API (gateway/file_store.py, gateway/batch/) ------------------------
+    files_dir: str | None = Field(None, description="keep uploaded and batch output files in this directory "
+                                                    "(None: in Redis)")
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="an upload over this is a 413")
+    max_batch_lines: int = Field(50_000, ge=1, description="a batch input file with more lines fails validation")
+    batch_max_in_flight: int = Field(8, ge=1, description="requests of one batch running at once")
+    batch_priority: int = Field(10, description="priority of batch requests (lower runs first under the "
+                                                "scheduler's priority policy; interactive requests default to 0)")
+    batch_lease_s: float = Field(10.0, gt=0, description="a batch whose runner stopped renewing its lease for "
+                                                         "this long is resumed by another batch worker")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    def all_api_keys(self) -> list[str]:
+        """The configured keys: `api_keys` and the lines of `api_key_file`."""
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            for line in Path(self.api_key_file).read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.append(line)
+        return keys

@@ -248,6 +248,13 @@ def paged_prefill_attention(
         cfg = {k: v for k, v in dict(block_n=block_n, num_stages=num_stages).items() if v is not None}
         return paged_prefill_attention_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                             out=out, **cfg)
+    return _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                           k_scale, v_scale, **tile_config)
+
+
+def _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale,
+                    block_m, block_n, num_warps, num_stages) -> torch.Tensor:
+    """This file's kernel: tiles from the defaults for the device unless given."""
     q, block_tables, out, block_size, num_kv_heads, head_dim, seq_lens, query_start_loc = prepare_prefill_call(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     num_tokens, num_q_heads, _ = q.shape

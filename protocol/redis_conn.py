@@ -90,6 +90,9 @@ def async_client(url: str, *, max_block_ms: int = 0, stall_tolerance_s: float = 
     opts = client_options(max_block_ms, stall_tolerance_s)
     opts["retry"] = AsyncRetry(_backoff(), RETRIES, supported_errors=OUTAGE_ERRORS)
     opts.update(kw)
+    pool_class = opts.pop("connection_pool_class", None)
+    if pool_class is not None:  # redis-py 8 no longer takes it in Redis.from_url: build the pool ourselves
+        return aioredis.Redis(connection_pool=pool_class.from_url(url, **opts))
     return aioredis.Redis.from_url(url, **opts)
 
 

@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
-PYTHON_SERVICES = {"gateway", "scheduler", "gpu_worker", "celery_worker", "celery_beat"}
+PYTHON_SERVICES = {"gateway", "scheduler", "gpu_worker", "celery_worker", "celery_beat", "batch_worker"}
 
 
 def _interpolate(value, env: dict[str, str]):

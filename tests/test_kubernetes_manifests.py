@@ -27,7 +27,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 VERSIONS = ("1.28", kubernetes_validate.utils.latest_version())
 IMAGE = "pagedfleet"  # the image name the base uses for every PagedFleet container (overlays retag it)
 PYTHON_SERVICES = {"gateway": "gateway", "scheduler": "scheduler", "gpu_worker": "gpu-worker",
-                   "celery_worker": "celery-worker", "celery_beat": "celery-beat"}  # compose name -> Deployment
+                   "celery_worker": "celery-worker", "celery_beat": "celery-beat",
+                   "batch_worker": "batch-worker"}  # compose name -> Deployment
 INTERNAL_PORTS = {"redis": 6379, "scheduler": 8001, "gpu-worker": 8002}
 
 _DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}

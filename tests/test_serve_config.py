@@ -27,7 +27,7 @@ def test_generated_config_supervises_every_process(tmp_path):
     state = tmp_path / "state 100%"
     args = p.parse_args(["--workers", "2", "--state-dir", str(state), "--redis-port", "6390", "--start-retries", "7"])
     procs, _env = build_processes(args, "/models/smol 5%", "smollm2-135m-instruct")
-    assert set(procs) == {"redis", "scheduler", "worker0", "worker1", "gateway", "housekeeping"}
+    assert set(procs) == {"redis", "scheduler", "worker0", "worker1", "gateway", "housekeeping", "batch"}
     state_paths(state)["logs"].mkdir(parents=True)  # serve makes it before supervisord starts
     opts = _parse(supervisord_config(procs, state, "/repo 1%", supervision_policy(args)), tmp_path / "supervisord.conf")
     assert not any(type(s).__name__ == "InetServerConfig" for s in opts.server_configs)
@@ -39,6 +39,7 @@ def test_generated_config_supervises_every_process(tmp_path):
         assert pc.stdout_logfile == str(state / "logs" / f"{name}.log")
     assert programs["worker0"].startretries == 7
     assert "/models/smol 5%" in programs["gateway"].command and programs["gateway"].directory == "/repo 1%"
+    assert "gateway.batch.worker" in programs["batch"].command and "/models/smol 5%" in programs["batch"].command
     assert "--appendonly yes" in programs["redis"].command and str(state / "redis") in programs["redis"].command
     order = sorted(programs, key=lambda n: programs[n].priority)
     assert order[0] == "redis" and order.index("scheduler") < order.index("worker0") < order.index("gateway")

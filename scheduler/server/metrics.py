@@ -27,13 +27,13 @@ tests, or nothing for the default registry that ``prometheus_client`` serves)::
 
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from protocol import streams as S
+from scheduler.server.stream_metrics import CumulativeTotals, StreamMetrics
 
 # Buckets ------------------------------------------------------------------------------------------
 STEP_SECONDS_BUCKETS = (
@@ -100,6 +100,14 @@ PREEMPTION_SERIES = (("swap", REASON_OUT_OF_BLOCKS), ("recompute", REASON_OUT_OF
                      ("recompute", REASON_WORKER_LOST))
 
 
+def _gauge(reg: CollectorRegistry):
+    return lambda name, doc, labels=WORKER_LABELS: Gauge(name, doc, labels, registry=reg)
+
+
+def _counter(reg: CollectorRegistry):
+    return lambda name, doc, labels=WORKER_LABELS: Counter(name, doc, labels, registry=reg)
+
+
 def _first(stats: Mapping[str, Any], keys: Iterable[str]) -> Any:
     for k in keys:
         if k in stats and stats[k] is not None:
@@ -113,18 +121,20 @@ class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         reg = REGISTRY if registry is None else registry
         self.registry = reg
-        self._lock = threading.Lock()
-        self._last_totals: dict[tuple, float] = {}
+        self.totals = CumulativeTotals()
         self._workers: dict[str, dict[str, Any]] = {}
         self._plan_counted: set[str] = set()
 
-        def g(name, doc, labels=WORKER_LABELS):
-            return Gauge(name, doc, labels, registry=reg)
+        self._declare_ledger(reg)
+        self._declare_scheduling(reg)
+        self.streams = StreamMetrics(reg, self.totals)
+        self.worker_up = Gauge("pagedfleet_worker_up", "1 while the worker is registered and heartbeating.",
+                               WORKER_LABELS, registry=reg)
+        self.heartbeat_age = Gauge("pagedfleet_worker_heartbeat_age_seconds", "Seconds since the last heartbeat.",
+                                   WORKER_LABELS, registry=reg)
 
-        def c(name, doc, labels=WORKER_LABELS):
-            return Counter(name, doc, labels, registry=reg)
-
-        # the block ledger
+    def _declare_ledger(self, reg: CollectorRegistry) -> None:
+        g, c = _gauge(reg), _counter(reg)
         self.blocks_capacity = g("pagedfleet_kv_blocks_capacity", "Blocks in the pool.", POOL_LABELS)
         self.blocks_free = g("pagedfleet_kv_blocks_free",
                              "Blocks with ref count 0 (including cached ones, which are reusable).",
@@ -156,7 +166,9 @@ class SchedulerMetrics:
         self.prefix_hits = c("pagedfleet_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.")
         self.evictions = c("pagedfleet_kv_evictions", "Cached blocks evicted from the prefix cache for reuse.")
 
-        # scheduling
+
+    def _declare_scheduling(self, reg: CollectorRegistry) -> None:
+        g, c = _gauge(reg), _counter(reg)
         self.waiting = g("pagedfleet_requests_waiting", "Requests waiting to be scheduled.")
         self.running = g("pagedfleet_requests_running", "Requests running.")
         self.preempted = g("pagedfleet_requests_preempted", "Requests preempted and not yet resumed.")
@@ -175,24 +187,6 @@ class SchedulerMetrics:
                                        "Time from arrival to first scheduled.", WORKER_LABELS,
                                        buckets=QUEUE_SECONDS_BUCKETS, registry=reg)
 
-        # the Redis queue
-        self.stream_length = Gauge("pagedfleet_stream_length", "Entries in a Redis stream.", ("stream",),
-                                   registry=reg)
-        self.stream_lag = Gauge("pagedfleet_stream_lag",
-                                "Entries of a stream not yet delivered to a consumer group.",
-                                ("stream", "group"), registry=reg)
-        self.stream_pending = Gauge("pagedfleet_stream_pending",
-                                    "Entries delivered to a consumer group but not acknowledged.",
-                                    ("stream", "group"), registry=reg)
-        self.stream_reclaimed = Counter("pagedfleet_stream_reclaimed",
-                                        "Pending entries reclaimed from a dead consumer (XAUTOCLAIM).",
-                                        ("stream", "group"), registry=reg)
-        self.stream_dead_lettered = Counter("pagedfleet_stream_dead_lettered",
-                                            "Entries moved to the dead-letter stream.", ("stream",), registry=reg)
-
-        # workers
-        self.worker_up = g("pagedfleet_worker_up", "1 while the worker is registered and heartbeating.")
-        self.heartbeat_age = g("pagedfleet_worker_heartbeat_age_seconds", "Seconds since the last heartbeat.")
 
     # --- workers ----------------------------------------------------------------------------------
     def register_worker(self, info: Any) -> None:
@@ -246,9 +240,7 @@ class SchedulerMetrics:
                         metric.remove(*[labels[n] for n in metric._labelnames])
                     except KeyError:
                         pass
-        with self._lock:
-            for key in [k for k in self._last_totals if k[0] == worker_id]:
-                del self._last_totals[key]
+        self.totals.forget(worker_id)
 
     def _model(self, worker_id: str, model: str | None) -> str:
         if model:
@@ -268,32 +260,7 @@ class SchedulerMetrics:
         block_bytes = _first(stats, GAUGE_KEYS["kv_block_bytes"]) or w.get("kv_block_bytes") or 0
 
         for pool in ("gpu", "cpu"):
-            total = _first(stats, GAUGE_KEYS[f"{pool}_total"])
-            if total is None:
-                total = w.get(f"num_{pool}_blocks")
-            free = _first(stats, GAUGE_KEYS[f"{pool}_free"])
-            used = _first(stats, GAUGE_KEYS[f"{pool}_used"])
-            if used is None and total is not None and free is not None:
-                used = total - free
-            if free is None and total is not None and used is not None:
-                free = total - used
-            labels = (worker_id, model, pool)
-            if total is not None:
-                self.blocks_capacity.labels(*labels).set(total)
-                self.cache_capacity_bytes.labels(*labels).set(total * block_bytes)
-            if free is not None:
-                self.blocks_free.labels(*labels).set(free)
-            if used is not None:
-                self.blocks_used.labels(*labels).set(used)
-                self.cache_used_bytes.labels(*labels).set(used * block_bytes)
-            for key, gauge in (("cached", self.blocks_cached), ("shared", self.blocks_shared)):
-                v = _first(stats, GAUGE_KEYS[f"{pool}_{key}"])
-                if v is not None or total is not None:
-                    gauge.labels(*labels).set(v or 0)
-            if pool == "gpu" and total and used is not None:
-                self.utilization.labels(worker_id, model).set(used / total)
-            elif pool == "gpu" and total == 0:
-                self.utilization.labels(worker_id, model).set(0)
+            self._update_pool(worker_id, model, pool, stats, w, block_bytes)
 
         used_gpu = _first(stats, GAUGE_KEYS["gpu_used"])
         waste = _first(stats, GAUGE_KEYS["waste_tokens"])
@@ -315,7 +282,40 @@ class SchedulerMetrics:
             if v is not None:
                 gauge.labels(worker_id, model).set(v)
 
-        # cumulative counters
+        self._update_counters(worker_id, model, stats, block_bytes)
+        self._update_preemptions(worker_id, model, stats)
+
+    def _update_pool(self, worker_id: str, model: str, pool: str, stats: Mapping[str, Any], w: Mapping[str, Any],
+                     block_bytes: int) -> None:
+        total = _first(stats, GAUGE_KEYS[f"{pool}_total"])
+        if total is None:
+            total = w.get(f"num_{pool}_blocks")
+        free = _first(stats, GAUGE_KEYS[f"{pool}_free"])
+        used = _first(stats, GAUGE_KEYS[f"{pool}_used"])
+        if used is None and total is not None and free is not None:
+            used = total - free
+        if free is None and total is not None and used is not None:
+            free = total - used
+        labels = (worker_id, model, pool)
+        if total is not None:
+            self.blocks_capacity.labels(*labels).set(total)
+            self.cache_capacity_bytes.labels(*labels).set(total * block_bytes)
+        if free is not None:
+            self.blocks_free.labels(*labels).set(free)
+        if used is not None:
+            self.blocks_used.labels(*labels).set(used)
+            self.cache_used_bytes.labels(*labels).set(used * block_bytes)
+        for key, gauge in (("cached", self.blocks_cached), ("shared", self.blocks_shared)):
+            v = _first(stats, GAUGE_KEYS[f"{pool}_{key}"])
+            if v is not None or total is not None:
+                gauge.labels(*labels).set(v or 0)
+        if pool == "gpu" and total and used is not None:
+            self.utilization.labels(worker_id, model).set(used / total)
+        elif pool == "gpu" and total == 0:
+            self.utilization.labels(worker_id, model).set(0)
+
+    def _update_counters(self, worker_id: str, model: str, stats: Mapping[str, Any], block_bytes: int) -> None:
+        """Cumulative counters (CoW and swap traffic from here only until observe_plan counts it)."""
         counters = [("prefix_queries", self.prefix_queries), ("prefix_hits", self.prefix_hits),
                     ("evictions", self.evictions)]
         from_plans = worker_id in self._plan_counted
@@ -324,15 +324,14 @@ class SchedulerMetrics:
         for key, counter in counters:
             v = _first(stats, COUNTER_KEYS[key])
             if v is not None:
-                self._advance(counter.labels(worker_id, model), (worker_id, key), v)
+                self.totals.advance(counter.labels(worker_id, model), (worker_id, key), v)
         for direction in () if from_plans else ("out", "in"):
             v = _first(stats, COUNTER_KEYS[f"swap_{direction}_blocks"])
             if v is not None:
-                d = self._advance(self.swap_blocks.labels(worker_id, model, direction),
-                                  (worker_id, f"swap_{direction}"), v)
+                d = self.totals.advance(self.swap_blocks.labels(worker_id, model, direction),
+                                        (worker_id, f"swap_{direction}"), v)
                 if d and block_bytes:
                     self.swap_bytes.labels(worker_id, model, direction).inc(d * block_bytes)
-        self._update_preemptions(worker_id, model, stats)
 
     def _update_preemptions(self, worker_id: str, model: str, stats: Mapping[str, Any]) -> None:
         by = _first(stats, PREEMPTION_KEYS)
@@ -351,17 +350,8 @@ class SchedulerMetrics:
                 if v is not None:
                     items.append((mode, DEFAULT_PREEMPTION_REASON, v))
         for mode, reason, total in items:
-            self._advance(self.preemptions.labels(worker_id, model, mode, reason),
-                          (worker_id, "preempt", mode, reason), total)
-
-    def _advance(self, child, key: tuple, total: float) -> float:
-        with self._lock:
-            last = self._last_totals.get(key, 0.0)
-            delta = total - last if total >= last else total
-            self._last_totals[key] = total
-        if delta > 0:
-            child.inc(delta)
-        return delta
+            self.totals.advance(self.preemptions.labels(worker_id, model, mode, reason),
+                                (worker_id, "preempt", mode, reason), total)
 
     # --- per step ---------------------------------------------------------------------------------
     def observe_plan(self, worker_id: str, plan: Any, model: str | None = None,
@@ -400,90 +390,13 @@ class SchedulerMetrics:
     def observe_queue_time(self, worker_id: str, seconds: float, model: str | None = None) -> None:
         self.queue_seconds.labels(worker_id, self._model(worker_id, model)).observe(max(0.0, seconds))
 
-    # --- the queue --------------------------------------------------------------------------------
-    def update_stream(self, stream: str, length: int, group: str | None = None, lag: int | None = None,
-                      pending: int | None = None) -> None:
-        self.stream_length.labels(stream).set(length)
-        if group is not None:
-            if lag is not None:
-                self.stream_lag.labels(stream, group).set(lag)
-            if pending is not None:
-                self.stream_pending.labels(stream, group).set(pending)
-
-    def inc_reclaimed(self, stream: str, group: str, n: int = 1) -> None:
-        self.stream_reclaimed.labels(stream, group).inc(n)
-
-    def inc_dead_lettered(self, stream: str, n: int = 1) -> None:
-        self.stream_dead_lettered.labels(stream).inc(n)
-
-    def update_queue_totals(self, stream: str, group: str | None = None, reclaimed_total: float | None = None,
-                            dead_lettered_total: float | None = None) -> None:
-        """Counts kept by another process (celery housekeeping writes totals to Redis): pass the totals."""
-        if reclaimed_total is not None and group is not None:
-            self._advance(self.stream_reclaimed.labels(stream, group), ("", "reclaimed", stream, group),
-                          reclaimed_total)
-        if dead_lettered_total is not None:
-            self._advance(self.stream_dead_lettered.labels(stream), ("", "dead", stream), dead_lettered_total)
-
-    def _poll_housekeeping_totals(self, redis_client: Any, key: str) -> None:
-        try:
-            raw = redis_client.hgetall(key or S.HOUSEKEEPING_STATS) or {}
-        except Exception:
-            return
-        for field, value in raw.items():
-            field = field.decode() if isinstance(field, bytes) else str(field)
-            try:
-                total = float(value)
-            except (TypeError, ValueError):
-                continue
-            kind, _, rest = field.partition(":")
-            if kind == "dead" and rest:
-                self.update_queue_totals(rest, dead_lettered_total=total)
-            elif kind == "reclaimed" and rest:
-                stream, _, group = rest.rpartition(":")
-                if stream:
-                    self.update_queue_totals(stream, group, reclaimed_total=total)
-
+    # --- the queue (scheduler/server/stream_metrics.py) -------------------------------------------
     def poll_redis_streams(self, redis_client: Any, streams: Mapping[str, str | Iterable[str] | None],
                            housekeeping_stats_key: str | None = "") -> None:
-        """XLEN / XINFO GROUPS every stream; ``streams`` maps a stream to its consumer group(s) (or None).
+        self.streams.poll(redis_client, streams, housekeeping_stats_key)
 
-        Lag is XINFO's ``lag`` (Redis >= 7), else counted with XRANGE after the group's last delivered id.
-        Reclaimed / dead-lettered totals that Celery housekeeping keeps in the Redis hash
-        ``housekeeping_stats_key`` (fields ``reclaimed:{stream}:{group}`` and ``dead:{stream}``; "" means
-        housekeeping's ``pf:housekeeping:stats``, None skips it) advance the counters too.
-        """
-        if housekeeping_stats_key is not None:
-            self._poll_housekeeping_totals(redis_client, housekeeping_stats_key)
-        for stream, groups in streams.items():
-            try:
-                length = int(redis_client.xlen(stream))
-            except Exception:  # the stream does not exist yet
-                length = 0
-            self.stream_length.labels(stream).set(length)
-            self.stream_dead_lettered.labels(stream)
-            try:
-                infos = redis_client.xinfo_groups(stream) if length or groups else []
-            except Exception:
-                infos = []
-            wanted = None if groups is None else ({groups} if isinstance(groups, str) else set(groups))
-            for info in infos:
-                info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in info.items()}
-                name = info.get("name")
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                if wanted is not None and name not in wanted:
-                    continue
-                lag = info.get("lag")
-                if lag is None:
-                    last = info.get("last-delivered-id", "0-0")
-                    last = last.decode() if isinstance(last, bytes) else str(last)
-                    try:
-                        lag = len(redis_client.xrange(stream, "(" + last, "+", count=100_000))
-                    except Exception:
-                        lag = 0
-                self.stream_lag.labels(stream, name).set(int(lag))
-                self.stream_reclaimed.labels(stream, name)
-                self.stream_pending.labels(stream, name).set(int(info.get("pending", 0) or 0))
+    def inc_dead_lettered(self, stream: str, n: int = 1) -> None:
+        self.streams.dead_lettered.labels(stream).inc(n)
 
 
 def _label_sets(metric) -> Iterable[dict[str, str]]:
@@ -496,14 +409,7 @@ def _label_sets(metric) -> Iterable[dict[str, str]]:
                 yield dict(zip(metric._labelnames, key))
 
 
-_default: SchedulerMetrics | None = None
-_default_lock = threading.Lock()
-
-
+@functools.cache
 def scheduler_metrics() -> SchedulerMetrics:
     """The process-wide SchedulerMetrics on the default registry (created once)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = SchedulerMetrics()
-        return _default
+    return SchedulerMetrics()
