@@ -122,7 +122,7 @@ def test_bad_specs_are_400s_naming_the_field(fleet, client):
     cases = [({"guided_regex": "[0-9"}, "guided_regex"),
              ({"guided_json": {"type": "object", "properties": {"a": {"type": 5}}}}, "guided_json"),
              ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-             ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex"),
+             ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
              ({"response_format": {"type": "xml"}}, "response_format")]
     for extra, field in cases:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 4, **extra}
