@@ -26,7 +26,9 @@ def grammar_text(so: StructuredOutput) -> str:
     import llguidance
 
     if so.kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(so.spec)
+        # compact JSON as OpenAI writes it (", " and ": "), not any whitespace: fewer tokens, no runaway
+        # newlines from a small model; a schema's own x-guidance options win
+        return llguidance.LLMatcher.grammar_from_json_schema(so.spec, defaults={"whitespace_flexible": False})
     if so.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(so.spec)
     return llguidance.grammar_from("choice" if so.kind == "choice" else "grammar", so.spec)

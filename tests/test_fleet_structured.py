@@ -69,7 +69,7 @@ MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 def test_parse_pydantic_model_validates_over_20_samples(client):
     def one(seed):
         return client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Person, n=5,
-                                             temperature=1.0, seed=seed, max_tokens=220)
+                                             temperature=1.0, seed=seed, max_tokens=160)
 
     with ThreadPoolExecutor(4) as ex:
         resps = list(ex.map(one, range(4)))
@@ -88,12 +88,11 @@ def test_parse_pydantic_model_validates_over_20_samples(client):
 
 def test_json_object_always_parses_and_streams(client):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"},
-                                       n=6, temperature=1.0, seed=7, max_tokens=300,
-                                       extra_body={"guided_json": None})
+                                       n=3, temperature=1.0, seed=7, max_tokens=80)
     for c in r.choices:
         if c.finish_reason == "stop":  # a 135M model may write one long string: only finished ones must parse
             assert isinstance(json.loads(c.message.content), dict)
-    assert sum(c.finish_reason == "stop" for c in r.choices) >= 3
+    assert sum(c.finish_reason == "stop" for c in r.choices) >= 2
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
               "required": ["ok", "n"], "additionalProperties": False}
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
