@@ -7,7 +7,7 @@ other requests and /health go on meanwhile.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from anyio import to_thread
 from pydantic import ValidationError
@@ -16,7 +16,7 @@ from gateway import rate_limit
 from gateway.api_models import ChatCompletionRequest, CompletionRequest
 from gateway.auth import CALLER, record_request_owners
 from gateway.errors import BadRequest, validation_message
-from gateway import structured
+from gateway import structured, tools
 from gateway.fleet import FleetClient
 from gateway.responses import make_request
 from model_io.output_processor import RequestOutputProcessor
@@ -33,7 +33,7 @@ class Prepared:
     n: int = 0  # completions returned per prompt (fewer than params.n with best_of: the best n)
     echo: bool = False  # the prompt's text (and with logprobs its tokens' logprobs) lead each choice
     prompt_only: bool = False  # max_tokens 0 with echo: the one generated token is dropped
-    extra: dict = field(default_factory=dict)
+    tool_names: set[str] | None = None  # tools offered (the output is parsed into tool_calls)
 
     def __post_init__(self) -> None:
         self.n = self.n or self.params.n
@@ -157,14 +157,26 @@ async def prepare_completion(fleet: FleetClient, body: CompletionRequest, base_i
 async def prepare_chat(fleet: FleetClient, body: ChatCompletionRequest, base_id: str) -> Prepared:
     model = check_model(fleet, body.model)
     tok = _tokenizer(fleet)
-    text = await render_chat(tok, chat_messages(body.messages), body.add_generation_prompt, body.tools)
+    use_tools = tools.active(body)
+    text = await render_chat(tok, chat_messages(body.messages), body.add_generation_prompt,
+                             body.tools if use_tools else None)
     ids = await to_thread.run_sync(lambda: tok.encode(text, add_special_tokens=False))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     await check_prompt(fleet, ids, max_tokens, "messages")
     if max_tokens is None:
         max_tokens = max(1, await fleet.max_model_len() - len(ids))
-    params = sampling_params(body, max_tokens, await constraint_of(fleet, body), await fleet.vocab_size())
-    return await _charged(fleet, Prepared([base_id], [ids], params, model, body.priority))
+    constraint = await constraint_of(fleet, body)
+    forced = tools.constraint(body) if use_tools else None
+    if forced is not None:
+        if constraint is not None:
+            raise BadRequest("tool_choice: a required or named tool does not combine with response_format",
+                             "tool_choice")
+        await structured.check(fleet, "tools", forced)
+        constraint = forced
+    params = sampling_params(body, max_tokens, constraint, await fleet.vocab_size())
+    prep = Prepared([base_id], [ids], params, model, body.priority,
+                    tool_names={t.function.name for t in body.tools} if use_tools else None)
+    return await _charged(fleet, prep)
 
 
 async def _charged(fleet: FleetClient, prep: Prepared) -> Prepared:
@@ -199,8 +211,16 @@ def _arguments(text: str):
         raise BadRequest("messages: a tool call's function.arguments must be JSON text", "messages") from None
 
 
-async def render_chat(tok, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
-    kw = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
+async def render_chat(tok, messages: list[dict], add_generation_prompt: bool, tool_defs=None) -> str:
+    """The chat template's text; with tools, passed as transformers passes them (``tools=``), or written in
+    the messages when the template knows no tools (gateway/tools.py)."""
+    kw = {}
+    if tool_defs:
+        defs = [t.model_dump(exclude_none=True) for t in tool_defs]
+        if tools.template_knows_tools(tok.chat_template):
+            kw["tools"] = defs
+        else:
+            messages = tools.hermes_messages(messages, defs)
     try:
         return await to_thread.run_sync(lambda: tok.apply_chat_template(messages, add_generation_prompt, **kw))
     except Exception as e:  # template errors (raise_exception in the template) name the problem

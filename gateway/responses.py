@@ -20,6 +20,7 @@ from gateway.api_models import (
     TopLogprob,
     Usage,
 )
+from gateway import tools
 from model_io.output_processor import RequestOutputProcessor
 from protocol import GenerationRequest, SamplingParams, TokenLogprob
 
@@ -151,12 +152,14 @@ def completion_response(rid: str, model: str, trackers: list[RequestOutputProces
 
 
 def chat_response(rid: str, model: str, tracker: RequestOutputProcessor, tt: TokenText, want_logprobs: bool,
-                  created: int | None = None) -> ChatCompletionResponse:
+                  created: int | None = None, tool_names: set[str] | None = None) -> ChatCompletionResponse:
     choices = []
     for s in tracker.completions:
         lp = chat_logprobs(tt, s.token_ids, s.logprobs, s.top_logprobs) if want_logprobs else None
-        choices.append(ChatChoice(index=s.index, message=AssistantMessage(content=s.text), logprobs=lp,
-                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+        content, calls = tools.parse(s.text, tool_names) if tool_names else (s.text, [])
+        finish = "tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason
+        choices.append(ChatChoice(index=s.index, message=AssistantMessage(content=content, tool_calls=calls or None),
+                                  logprobs=lp, finish_reason=finish, stop_reason=s.stop_reason))
     return ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage_of([tracker]),
                                   created=created or int(time.time()))
 

@@ -68,7 +68,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         finish_metrics(mtracks, "abort")
         return JSONResponse(_DISCONNECTED, status_code=499)
     raise_on_error(procs)
-    return chat_response(rid, prep.model, procs[0], tt, body.logprobs)
+    return chat_response(rid, prep.model, procs[0], tt, body.logprobs, tool_names=prep.tool_names)
 
 
 @router.get("/v1/models", response_model=ModelList)

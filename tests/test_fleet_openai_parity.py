@@ -6,6 +6,7 @@ accepted and ignored (api_models.IGNORED_FIELDS) or refused with a 400 that name
 
 from __future__ import annotations
 
+import json
 import typing
 
 import httpx
@@ -144,3 +145,64 @@ def test_openai_request_fields_supported_ignored_or_refused_by_name(fleet, clien
     assert set(CompletionResponse.model_fields) <= set(Completion.model_fields)
     assert set(OurChoice.model_fields) - vllm_extras <= set(CompletionChoice.model_fields)
     assert set(ChatCompletionResponse.model_fields) <= set(ChatCompletion.model_fields)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_args(call, tool):
+    import jsonschema
+
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_named_and_required_tool_calls_parse_and_match_the_schema(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=60,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    (call,) = c.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    _check_args(call, WEATHER)
+    # streamed: the deltas assemble to the same call
+    name, args, finish = None, "", None
+    for ch in client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], temperature=0,
+                                             max_tokens=60, stream=True,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}}):
+        for d in ch.choices:
+            for tc in d.delta.tool_calls or []:
+                name = tc.function.name or name
+                args += tc.function.arguments or ""
+            finish = d.finish_reason or finish
+    assert (name, args, finish) == ("get_weather", call.function.arguments, "tool_calls")
+    # required, two tools, one call each (parallel_tool_calls false), sampled
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                       parallel_tool_calls=False, n=3, temperature=1.0, seed=2, max_tokens=60)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls"
+        (call,) = c.message.tool_calls
+        _check_args(call, {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=5,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_tool_result_turn_reaches_the_template(fleet, client):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees and sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=8)
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    t = httpx.post(fleet.url + "/tokenize", json={"messages": history, "tools": [WEATHER]}).json()["tokens"]
+    prompt = httpx.post(fleet.url + "/detokenize", json={"tokens": t}).json()["prompt"]
+    assert '"name": "get_weather"' in prompt and "21 degrees and sunny" in prompt and "<tools>" in prompt
