@@ -368,10 +368,12 @@ class ModelRunner:
                 reqs[j].history_slot = owners[j][1].pen_slot
         if len(row_of) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_of, device=logits.device))
-        grammar = GrammarStep(g_rows, g_seqs, self.files.eos_token_ids) if g_rows else None
-        res = self.sampler.sample(logits, reqs, self.batch, grammar)
-        if grammar is not None:
+        if g_rows:
+            grammar = GrammarStep(g_rows, g_seqs, self.files.eos_token_ids)
+            res = self.sampler.sample(logits, reqs, self.batch, grammar=grammar)
             grammar.advance(res.token_ids)
+        else:
+            res = self.sampler.sample(logits, reqs, self.batch)
         for j, (i, s) in enumerate(owners):
             tok = res.token_ids[j]
             if not s.sampling.use_beam_search:

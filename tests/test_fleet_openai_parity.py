@@ -206,3 +206,34 @@ def test_tool_result_turn_reaches_the_template(fleet, client):
     t = httpx.post(fleet.url + "/tokenize", json={"messages": history, "tools": [WEATHER]}).json()["tokens"]
     prompt = httpx.post(fleet.url + "/detokenize", json={"tokens": t}).json()["prompt"]
     assert '"name": "get_weather"' in prompt and "21 degrees and sunny" in prompt and "<tools>" in prompt
+
+
+MC_DOCS = [
+    {"question": "The capital of France is", "choices": [" Paris", " banana", " seven"], "answer": 0},
+    {"question": "Two plus two equals", "choices": [" purple", " four", " Tuesday"], "answer": 1},
+    {"question": "The opposite of hot is", "choices": [" cold", " table", " running"], "answer": 0},
+]
+
+
+def test_lm_evaluation_harness_local_completions_runs_a_multiple_choice_task(fleet, smollm2_files, tmp_path,
+                                                                               monkeypatch):
+    """lm-evaluation-harness's `local-completions` (echo + logprobs loglikelihoods) on a task from local files."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={fleet.url}/v1/completions,model={MODEL},tokenizer={smollm2_files.path},"
+                   "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1",
+        tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), num_fewshot=0)
+    acc = out["results"]["tiny_mc"]["acc,none"]
+    assert acc >= 2 / 3  # a 135M model gets these right; every loglikelihood came from echo + logprobs
