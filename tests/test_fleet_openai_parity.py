@@ -237,3 +237,30 @@ def test_lm_evaluation_harness_local_completions_runs_a_multiple_choice_task(fle
         tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), num_fewshot=0)
     acc = out["results"]["tiny_mc"]["acc,none"]
     assert acc >= 2 / 3  # a 135M model gets these right; every loglikelihood came from echo + logprobs
+
+
+def test_langchain_bind_tools_and_structured_output(fleet):
+    from langchain_core.messages import ToolMessage
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    llm = ChatOpenAI(base_url=fleet.url + "/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=60,
+                     max_retries=0)
+    one = llm.bind_tools([WEATHER], tool_choice="get_weather")
+    msg = one.invoke("What is the weather in Paris?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
+    two = llm.bind_tools([WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    msg2 = two.invoke("What time is it in Rome?")
+    assert len(msg2.tool_calls) == 1 and msg2.tool_calls[0]["name"] in ("get_weather", "get_time")
+    # the follow-up turn with the tool's result
+    reply = llm.bind_tools([WEATHER]).invoke(["What is the weather in Paris?", msg,
+                                              ToolMessage("21 degrees and sunny", tool_call_id=call["id"])])
+    assert reply.content or reply.tool_calls
+
+    class City(BaseModel):
+        name: str = Field(max_length=20)
+        population: int
+
+    got = llm.with_structured_output(City).invoke("Name a big city and its population.")
+    assert isinstance(got, City)
