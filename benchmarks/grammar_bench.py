@@ -87,7 +87,7 @@ def bench_llguidance(tok_json: str, vocab: int, eos: int, schema: dict, B: int, 
     lt.fill_next_token_bitmask(m0, bitmask, 0)
     compile_s = time.perf_counter() - t
     assert not m0.is_error(), m0.get_error()
-    ms = [llguidance.LLMatcher(tok, grammar) for _ in range(B)]
+    ms = [m0.deep_copy() for _ in range(B)]  # as the worker does: copies of the compiled template
     ex = llguidance.LLExecutor()
     pairs = [(m, i) for i, m in enumerate(ms)]
 
