@@ -1,4 +1,5 @@
-"""The gateway app: `create_app(settings)`; run it with `python -m gateway.app` (uvicorn).
+"""The gateway app: `create_app(settings)`; run it with `python -m gateway.app` (uvicorn; flags and environment:
+GatewaySettings, gateway/settings.py).
 
 State lives in `app.state` (the FleetClient: a Redis pool, the tokenizer, the model's name) and reaches
 routes through FastAPI dependencies; requests and jobs live in Redis, so replicas are interchangeable.
@@ -6,7 +7,6 @@ routes through FastAPI dependencies; requests and jobs live in Redis, so replica
 
 from __future__ import annotations
 
-import argparse
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,12 +15,15 @@ import redis.asyncio as aioredis
 from protocol.redis_conn import async_client
 from fastapi import FastAPI
 
-from gateway import batch_routes, files_routes, job_routes, routes
+from gateway import batch_routes, block_map, files_routes, job_routes, routes
+from gateway.access_log import AccessLog
 from gateway.auth import ApiKeyAuth
 from gateway.body_limit import BodySizeLimit
 from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
+from gateway.lease import GatewayLease
+from gateway.metrics import gateway_metrics
 from gateway.responses import TokenText
 from gateway.model_info import load_model_info
 from gateway.settings import GatewaySettings
@@ -28,63 +31,41 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("pagedfleet.gateway")
 
 
-def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None) -> FastAPI:
-    settings = settings or GatewaySettings()
-
+def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         info = model_info or load_model_info(settings)
         r = async_client(settings.redis_url, decode_responses=True, max_block_ms=1000,
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
-        pool = r.connection_pool
-        app.state.fleet = FleetClient(r, info, settings)
+        lease = GatewayLease(r)  # the scheduler aborts this gateway's streams once the lease lapses
+        await lease.start()
+        app.state.fleet = FleetClient(r, info, settings, instance=lease.instance)
         app.state.files = FileStore(r, settings)
         app.state.token_text = TokenText(info.tokenizer)
-        try:
-            from gateway.metrics import gateway_metrics
-
-            app.state.metrics = gateway_metrics()
-            app.state.metrics.ensure_model(info.name)
-        except Exception:  # pragma: no cover - metrics are optional
-            app.state.metrics = None
+        app.state.metrics = gateway_metrics()
+        app.state.metrics.ensure_model(info.name)
         yield
+        await lease.stop()
         await app.state.fleet.aclose()
-        await pool.aclose()
+        await r.connection_pool.aclose()
 
-    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=lifespan)
+    return lifespan
+
+
+def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=_lifespan(settings, model_info))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        per_path={"/v1/files": settings.max_file_bytes + 64 * 1024})  # + the multipart framing
     keys = settings.all_api_keys()
-    app.add_middleware(ApiKeyAuth, keys=keys, settings=settings)  # added last: runs first
+    app.add_middleware(ApiKeyAuth, keys=keys, settings=settings)
+    app.add_middleware(AccessLog)  # added last: outermost, so a 401 or 413 is logged too
     app.state.settings = settings
     app.state.auth_enabled = bool(keys)
     app.state.metrics = None
-    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router):
+    for router in (routes.router, job_routes.router, files_routes.router, batch_routes.router,
+                   gateway_metrics().router(), block_map.router):
         app.include_router(router)
-
-    try:
-        from gateway.metrics import gateway_metrics
-
-        app.include_router(gateway_metrics().router())
-    except Exception:  # pragma: no cover
-        from fastapi import Response
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        @app.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    try:  # the block map page (monitoring engineer's module), when present
-        from gateway import block_map
-
-        r = getattr(block_map, "router", None)
-        if r is None and hasattr(block_map, "make_router"):
-            r = block_map.make_router()
-        if r is not None:
-            app.include_router(r)
-    except ImportError:
-        pass
-
     install_error_handlers(app, FleetError)
     return app
 
@@ -92,29 +73,11 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m gateway.app", description="PagedFleet gateway")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--model-dir", default=None)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--scheduler-url", default=None, help="the scheduler service (default: $PAGEDFLEET_SCHEDULER_URL "
-                                                         "or http://127.0.0.1:8001)")
-    p.add_argument("--api-key", action="append", default=None,
-                   help="a key clients must send (repeatable; default: $PAGEDFLEET_API_KEY(S); none: open API)")
-    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line")
-    p.add_argument("--log-level", default="warning")
-    a = p.parse_args(argv)
-    overrides = {k: v for k, v in {"host": a.host, "port": a.port, "redis_url": a.redis_url, "model": a.model,
-                                   "model_dir": a.model_dir, "served_model_name": a.served_model_name,
-                                   "scheduler_url": a.scheduler_url, "api_keys": a.api_key,
-                                   "api_key_file": a.api_key_file}.items()
-                 if v is not None}
-    settings = GatewaySettings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=a.log_level,
-                timeout_graceful_shutdown=3)
+    settings = GatewaySettings.from_cli(argv)
+    settings.setup_logging()
+    # uvicorn's logging config off (protocol/logs.py set it up) and its access log off (gateway/access_log.py)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=3)
     return 0
 
 

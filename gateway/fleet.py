@@ -49,8 +49,9 @@ class ModelInfo:
 
 
 class FleetClient:
-    def __init__(self, redis: aioredis.Redis, model: ModelInfo, settings):
+    def __init__(self, redis: aioredis.Redis, model: ModelInfo, settings, instance: str | None = None):
         self.redis = redis
+        self.instance = instance  # this process's lease (gateway/lease.py): its interactive requests carry it
         self.model = model
         self.settings = settings
         self._workers_cache: tuple[float, list[S.WorkerRegistration]] | None = None
@@ -98,7 +99,9 @@ class FleetClient:
 
     # ---- requests -------------------------------------------------------------------------------
     async def submit(self, req: GenerationRequest, job_id: str | None = None) -> None:
-        cmd = S.RequestCommand(op="add", request_id=req.request_id, request=req, job_id=job_id)
+        # an interactive request ends with this process (the scheduler watches its lease); a job runs on
+        gateway = self.instance if job_id is None else None
+        cmd = S.RequestCommand(op="add", request_id=req.request_id, request=req, job_id=job_id, gateway=gateway)
         # no MAXLEN here: trimming (scheduler, housekeeping) never drops an entry not yet processed
         await self.redis.xadd(S.REQUESTS, S.encode(cmd))
 

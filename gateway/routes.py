@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.access_log import track
 from gateway.api_models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -37,6 +38,7 @@ async def create_completion(body: CompletionRequest, request: Request, fleet: Fl
     rid = new_id("cmpl")
     prep = await prepare_completion(fleet, body, rid)
     procs = processors(fleet, prep, body.include_stop_str_in_output)
+    track(request, rid, procs)
     want_lp = body.logprobs is not None
     mtracks = start_metrics(metrics, prep)
     await submit(fleet, prep)
@@ -58,6 +60,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     rid = new_id("chatcmpl")
     prep = await prepare_chat(fleet, body, rid)
     procs = processors(fleet, prep, body.include_stop_str_in_output)
+    track(request, rid, procs)
     mtracks = start_metrics(metrics, prep)
     await submit(fleet, prep)
     if body.stream:

@@ -29,6 +29,9 @@ class WorkerConfig:
     enable_cuda_graphs: bool = True
     max_num_seqs: int = 256  # largest decode batch captured (the scheduler's max_num_seqs)
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, 8, then every 16 up to max_num_seqs
+    # ranks of one tensor-parallel group (gpu_worker/tp_group.py starts them; gpu_worker/distributed.py):
+    # each holds 1/N of the heads of every layer and of every KV block
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -47,6 +50,8 @@ class WorkerConfig:
             raise ValueError("num_gpu_blocks: must be positive")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
             raise ValueError("num_cpu_blocks: must be >= 0")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs: must be positive")
         if self.cuda_graph_batch_sizes is not None and any(int(b) <= 0 for b in self.cuda_graph_batch_sizes):

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_worker import distributed
 from gpu_worker.attention import AttentionMetadata, get_backend
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import CudaGraphs
@@ -66,6 +67,13 @@ class ModelRunner:
             self.dtype = _DTYPES[config.dtype]
         self.files = resolve_model(config.model)
         self.args = LlamaArgs.from_config(self.files.config)
+        # tensor parallel: this process is rank tp_rank of a group gpu_worker/tp_group.py started
+        self.tp_size, self.tp_rank = config.tensor_parallel_size, distributed.tp_rank()
+        if self.tp_size != distributed.tp_size():
+            raise RuntimeError(f"tensor_parallel_size {self.tp_size}: this process is in a group of "
+                               f"{distributed.tp_size()} (start the group with gpu_worker.tp_group)")
+        self.args.check_tensor_parallel(self.tp_size)
+        self.num_kv_heads = self.args.num_kv_heads // self.tp_size  # this rank's KV heads of every block
         self.max_model_len = int(config.max_model_len or self.args.max_position_embeddings)
         self.block_size = config.block_size
         self._load_model()
@@ -104,7 +112,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.model = LlamaForCausalLM(self.args, max_positions=self.max_model_len, device=self.device,
-                                          dtype=self.dtype)
+                                          dtype=self.dtype, tp_rank=self.tp_rank, tp_size=self.tp_size)
             if self.files.is_random:
                 init_random_weights(self.model, seed=config.seed)
             else:
@@ -130,9 +138,11 @@ class ModelRunner:
         if fp8:
             n = a.num_layers
             self.model.set_kv_scales([config.kv_scale] * n, [config.kv_scale] * n)
-        self.kv_block_bytes = (a.num_layers * 2 * self.block_size * a.num_kv_heads * a.head_dim
-                               * torch.empty(0, dtype=self.kv_dtype).element_size())
-        self.num_gpu_blocks = config.num_gpu_blocks or self._auto_num_blocks()
+        kv_heads = self.num_kv_heads
+        self.kv_block_bytes = (a.num_layers * 2 * self.block_size * kv_heads * a.head_dim
+                               * torch.empty(0, dtype=self.kv_dtype).element_size())  # this rank's share
+        # every rank of a group holds the same blocks: as many as fit on the fullest device
+        self.num_gpu_blocks = config.num_gpu_blocks or distributed.min_int(self._auto_num_blocks())
         if config.num_cpu_blocks is not None:
             self.num_cpu_blocks = config.num_cpu_blocks
         else:
@@ -144,12 +154,12 @@ class ModelRunner:
             # head-major storage [.., num_blocks, Hkv, block_size, D] behind the usual [.., block_size, Hkv, D]
             # shape: the torch backend's per-step gather then yields per-head contiguous K/V for bmm
             # (attention/torch_backend.py, is_head_major); everything else indexes blocks and is layout-blind
-            shape = (a.num_layers, 2, self.num_gpu_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+            shape = (a.num_layers, 2, self.num_gpu_blocks, kv_heads, self.block_size, a.head_dim)
             self.kv_cache = _zeros(shape, self.kv_dtype, self.device).transpose(3, 4)
         else:
-            shape = (a.num_layers, 2, self.num_gpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            shape = (a.num_layers, 2, self.num_gpu_blocks, self.block_size, kv_heads, a.head_dim)
             self.kv_cache = _zeros(shape, self.kv_dtype, self.device)
-        cpu_shape = (a.num_layers, 2, self.num_cpu_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        cpu_shape = (a.num_layers, 2, self.num_cpu_blocks, self.block_size, kv_heads, a.head_dim)
         # empty, not zeros: only blocks swapped out are ever swapped in (and zeroing pages is slow)
         self.cpu_cache = torch.empty(cpu_shape, dtype=self.kv_dtype, device="cpu",
                                      pin_memory=self.device.type == "cuda")
@@ -167,8 +177,9 @@ class ModelRunner:
             max_model_len=self.max_model_len,
             vocab_size=self.args.vocab_size,
             eos_token_ids=self.files.eos_token_ids,
-            kv_block_bytes=self.kv_block_bytes,
+            kv_block_bytes=self.kv_block_bytes * self.tp_size,  # the group's bytes of one block
             kv_cache_dtype="fp8" if self.kv_dtype == torch.float8_e4m3fn else "auto",
+            tensor_parallel_size=self.tp_size,
         )
 
     # ---- memory ------------------------------------------------------------------------------
@@ -200,7 +211,7 @@ class ModelRunner:
         a = self.args
         T = max(1, min(self.config.max_num_batched_tokens, self.max_model_len))
         nb = -(-T // self.block_size)
-        kv = torch.zeros((a.num_layers, 2, nb, self.block_size, a.num_kv_heads, a.head_dim),
+        kv = torch.zeros((a.num_layers, 2, nb, self.block_size, self.num_kv_heads, a.head_dim),
                          dtype=self.kv_dtype, device=self.device)
         meta = AttentionMetadata.build([T], [T], [list(range(nb))], self.block_size, self.device)
         self.backend.prepare(meta)
@@ -416,6 +427,10 @@ class ModelRunner:
             return
         src, dst = src.to(self.device), dst.to(self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def clear_sequences(self) -> None:
+        """Drop every live sequence (a new incarnation of the worker); a group's ranks all do it."""
+        self.seqs.clear()
 
     # ---- helpers for tests and tools ---------------------------------------------------------
     def seq_state(self, seq_id: int) -> SeqState:

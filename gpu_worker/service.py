@@ -1,5 +1,7 @@
 """The GPU worker service: `python -m gpu_worker.service --device cpu|cuda --model ... --gpu-memory-utilization ...`
 
+Settings: ``WorkerSettings`` (gpu_worker/settings.py): environment ``PAGEDFLEET_*`` and the same names as flags.
+
 Builds a ModelRunner, registers its WorkerInfo in Redis (``pf:workers``), heartbeats from a thread
 (``pf:hb:{worker_id}``, a key with a TTL holding this start's incarnation), then reads StepPlans from
 its plan stream (consumer group ``worker``), executes them in order and answers StepResults on the
@@ -7,11 +9,17 @@ results stream. A plan is acknowledged in the same Redis transaction that publis
 Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one), advertised as
 ``--advertise-host`` (``auto``: this machine's / container's address on the network that reaches Redis).
 Each step reports its execute time and the time of its KV transfers (swap out, swap in, copy-on-write).
+SIGTERM drains (gpu_worker/drain.py): no new requests, the running ones finish (or are handed back), then exit.
+
+Redis outages are ridden out (clients from ``protocol.redis_conn``; each call in ``retry_forever_sync``):
+the worker keeps its sequences and its incarnation, recreates its consumer group if Redis came back
+without it, and re-reads its own pending plans when idle (a plan whose XREADGROUP reply was lost on a
+dead connection is still pending on this consumer). A StepResult published twice (a retried transaction
+whose reply was lost) is harmless: the scheduler matches results to its step in flight by step id.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -26,6 +34,9 @@ import redis
 
 from protocol import StepPlan, StepResult
 from protocol import streams as S
+from gpu_worker.drain import Drain
+from gpu_worker.settings import WorkerSettings
+from protocol.redis_conn import Outage, retry_forever_sync, sync_client
 
 log = logging.getLogger("pagedfleet.worker")
 
@@ -66,59 +77,66 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def wait_for_redis(url: str, timeout_s: float = 60.0) -> redis.Redis:
-    r = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            r.ping()
-            return r
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+PLAN_BLOCK_MS = 500  # a plan read blocks this long; when it returns nothing the worker checks its pending plans
+
+
+def wait_for_redis(url: str, stop: threading.Event | None = None) -> redis.Redis:
+    r = sync_client(url, decode_responses=True, max_block_ms=PLAN_BLOCK_MS)
+    retry_forever_sync(r.ping, what="connect", log=log, stop_event=stop)
+    return r
 
 
 class WorkerService:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: WorkerSettings):
         self.args = args
+        self.draining = False  # set by Drain: the registration says so and placement skips this worker
         self.worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.r = wait_for_redis(args.redis_url)
-        self.hb_r = redis.Redis.from_url(args.redis_url, decode_responses=True)
         self.stop = threading.Event()
+        self.r = wait_for_redis(args.redis_url, self.stop)
+        self.hb_r = sync_client(args.redis_url, decode_responses=True)
         self.reregister = threading.Event()
         self.metrics_url: str | None = None
         self.incarnation = uuid.uuid4().hex
         self.runner = None
         self.metrics = None
         self._steps = 0
+        self._last_step = -1  # wire step id of the last plan run (the scheduler's ids only grow)
         self.plan_stream = S.plan_stream(self.worker_id)
 
     # ---- setup --------------------------------------------------------------------------------
     def build_runner(self):
-        from gpu_worker import ModelRunner, WorkerConfig
+        from gpu_worker import WorkerConfig
+        from gpu_worker.tp_group import start_runner
 
         a = self.args
         kw = dict(model=a.model, device=a.device, gpu_memory_utilization=a.gpu_memory_utilization,
                   block_size=a.block_size)
         for name in ("dtype", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_dtype", "quantization",
-                     "attention_backend", "max_model_len", "seed"):
+                     "attention_backend", "max_model_len", "seed", "max_num_seqs", "max_num_batched_tokens"):
             v = getattr(a, name)
             if v is not None:
                 kw[name] = v
         if a.device == "cpu" and a.threads:
             kw["num_threads"] = a.threads
-        self.runner = ModelRunner(WorkerConfig(**kw), worker_id=self.worker_id)
+        kw["tensor_parallel_size"] = a.tensor_parallel_size
+        self.runner = start_runner(WorkerConfig(**kw), worker_id=self.worker_id, on_rank_exit=self._rank_exited)
         return self.runner
 
+    def _rank_exited(self, rank: int, exitcode: int | None) -> None:
+        """A rank of our tensor-parallel group died: the group cannot compute any more. Unregister (the
+        scheduler declares us dead now and resumes our requests elsewhere) and exit (a supervisor restarts us)."""
+        log.error("tensor-parallel rank %d exited (code %s): unregistering and exiting", rank, exitcode)
+        self.unregister()
+        os._exit(1)
+
     def start_metrics(self) -> str | None:
-        port = self.args.metrics_port if self.args.metrics_port else _free_port()
+        port = self.args.worker_metrics_port or _free_port()
         host = resolve_advertise_host(self.args.advertise_host, self.args.redis_url)
         try:
             from gpu_worker.metrics import WorkerMetrics
 
             self.metrics = WorkerMetrics(self.runner.info)
-            self.metrics.start_metrics_server(port)
+            self.metrics.start_metrics_server(port, addr=self.args.worker_metrics_host)
             self._instrument_runner()
         except Exception as e:  # pragma: no cover - metrics must never stop a worker
             log.warning("metrics server not started: %s", e)
@@ -129,8 +147,9 @@ class WorkerService:
     def _instrument_runner(self) -> None:
         """KV cache size once; the runner times each step's batched swap / copy-on-write transfers."""
         run, m = self.runner, self.metrics
-        kv, cpu = run.kv_cache, run.cpu_cache
-        m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size(), cpu_bytes=cpu.numel() * cpu.element_size(),
+        kv, cpu, tp = run.kv_cache, run.cpu_cache, run.info.tensor_parallel_size  # every rank holds as much
+        m.set_kv_cache(gpu_bytes=kv.numel() * kv.element_size() * tp,
+                       cpu_bytes=cpu.numel() * cpu.element_size() * tp,
                        num_gpu_blocks=run.info.num_gpu_blocks, num_cpu_blocks=run.info.num_cpu_blocks,
                        block_bytes=run.info.kv_block_bytes)
         run.measure_transfers = True
@@ -145,26 +164,31 @@ class WorkerService:
 
     def registration(self, metrics_url: str | None) -> S.WorkerRegistration:
         return S.WorkerRegistration(info=self.runner.info, incarnation=self.incarnation, metrics_url=metrics_url,
-                                    host=socket.gethostname(), pid=os.getpid())
+                                    host=socket.gethostname(), pid=os.getpid(), draining=self.draining)
 
     def register(self, metrics_url: str | None) -> None:
         self.metrics_url = metrics_url
         reg = self.registration(metrics_url)
         self._reg_json = reg.model_dump_json()
-        p = self.r.pipeline(transaction=True)
-        p.delete(self.plan_stream)  # plans of an earlier start are meaningless now
-        p.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True)
-        p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl * 1000))
-        p.hset(S.WORKERS, self.worker_id, self._reg_json)
-        p.execute()
+
+        def write() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.delete(self.plan_stream)  # plans of an earlier start are meaningless now
+            p.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True)
+            p.set(S.heartbeat_key(self.worker_id), self.incarnation, px=int(self.args.heartbeat_ttl_s * 1000))
+            p.hset(S.WORKERS, self.worker_id, self._reg_json)
+            p.execute()
+
+        retry_forever_sync(write, what="register", log=log, stop_event=self.stop)
         log.info("worker %s registered (incarnation %s, %d GPU blocks)", self.worker_id, self.incarnation,
                  self.runner.info.num_gpu_blocks)
 
     # ---- heartbeat ----------------------------------------------------------------------------
     def heartbeat_loop(self) -> None:
-        ttl_ms = int(self.args.heartbeat_ttl * 1000)
+        ttl_ms = int(self.args.heartbeat_ttl_s * 1000)
         key = S.heartbeat_key(self.worker_id)
-        while not self.stop.wait(self.args.heartbeat_interval):
+        outage = Outage("heartbeat", log, base_s=0.0, max_delay_s=0.0)  # logs once per outage
+        while not self.stop.wait(self.args.heartbeat_interval_s):
             if self.reregister.is_set():
                 continue  # the main loop is starting a new incarnation
             try:
@@ -180,36 +204,59 @@ class WorkerService:
                     self.reregister.set()
                     continue
                 self.hb_r.set(key, self.incarnation, px=ttl_ms)
-            except redis.RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                outage.succeeded()
+                outage.failures = 0
+            except redis.RedisError as e:  # an outage: beat again at the next interval, never stop
+                outage.failed(e)
 
     def restart_incarnation(self) -> None:
-        self.runner.seqs.clear()
+        self.runner.clear_sequences()
+        self._last_step = -1
         self.incarnation = uuid.uuid4().hex
         self.register(self.metrics_url)
         self.reregister.clear()
 
     # ---- the loop -----------------------------------------------------------------------------
     def serve(self) -> None:
-        r = self.r
         while not self.stop.is_set():
             if self.reregister.is_set():
                 self.restart_incarnation()
             try:
-                resp = r.xreadgroup(S.WORKER_GROUP, self.incarnation, {self.plan_stream: ">"}, count=1, block=500)
-            except redis.ResponseError as e:  # the group vanished: we were declared dead
-                log.warning("plan stream unreadable (%s); registering again", e)
-                self.reregister.set()
+                resp = retry_forever_sync(lambda: self._read_plans(">"), what="read plans", log=log,
+                                          stop_event=self.stop)
+                if not resp and not self.stop.is_set():  # idle: a plan delivered on a lost reply waits here
+                    resp = retry_forever_sync(lambda: self._read_plans("0"), what="read pending plans", log=log,
+                                              stop_event=self.stop)
+            except redis.ResponseError as e:
+                self._plan_stream_gone(e)
                 continue
-            except redis.ConnectionError as e:
-                log.warning("redis: %s", e)
-                time.sleep(0.2)
-                continue
-            if not resp:
-                continue
-            for _stream, entries in resp:
+            for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self.handle(entry_id, fields)
+
+    def _read_plans(self, start: str):
+        block = PLAN_BLOCK_MS if start == ">" else None
+        return self.r.xreadgroup(S.WORKER_GROUP, self.incarnation, {self.plan_stream: start}, count=1, block=block)
+
+    def _plan_stream_gone(self, err: redis.ResponseError) -> None:
+        """NOGROUP: the scheduler declared us dead (it removed our registration and plan stream), or Redis
+        came back without them. Still registered as this incarnation: recreate the group and go on; else
+        register again as a new incarnation."""
+        if "NOGROUP" not in str(err):
+            raise err
+        cur = retry_forever_sync(lambda: self.r.hget(S.WORKERS, self.worker_id), what="check registration",
+                                 log=log, stop_event=self.stop)
+        if cur != self._reg_json:
+            log.warning("plan stream unreadable (%s); registering again", err)
+            self.reregister.set()
+            return
+        log.warning("plan stream's group is gone (%s); recreating it", err)
+        try:
+            retry_forever_sync(lambda: self.r.xgroup_create(self.plan_stream, S.WORKER_GROUP, id="0", mkstream=True),
+                               what="recreate group", log=log, stop_event=self.stop)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     def handle(self, entry_id: str, fields: dict) -> None:
         t0 = time.perf_counter()
@@ -217,6 +264,14 @@ class WorkerService:
         try:
             plan = S.decode(fields, StepPlan)
             step_id = plan.step_id
+            if step_id <= self._last_step:
+                # wire step ids only grow: a second copy of a plan (an XADD retried after its reply was lost)
+                # must not run twice (the sequences would advance twice); its result went out already
+                log.warning("step %s is a duplicate (last run: %s); acknowledged, not run", step_id, self._last_step)
+                retry_forever_sync(lambda: self.r.xack(self.plan_stream, S.WORKER_GROUP, entry_id),
+                                   what="ack duplicate plan", log=log, stop_event=self.stop)
+                return
+            self._last_step = step_id
             result = self.runner.execute(plan)
             result.worker_id = self.worker_id
         except Exception as e:
@@ -226,10 +281,7 @@ class WorkerService:
         dt = time.perf_counter() - t0
         if not result.execute_ms:
             result.execute_ms = dt * 1000.0
-        p = self.r.pipeline(transaction=True)
-        p.xadd(S.RESULTS, S.encode(result))
-        p.xack(self.plan_stream, S.WORKER_GROUP, entry_id)
-        p.execute()
+        self._publish(result, entry_id)
         if self.metrics is not None and plan is not None:
             try:
                 # execute time, computed tokens, and each KV transfer of the plan with its time
@@ -239,6 +291,19 @@ class WorkerService:
                     self._device_memory()
             except Exception:  # pragma: no cover
                 pass
+
+    def _publish(self, result: StepResult, entry_id: str) -> None:
+        """The StepResult and the plan's ack in one transaction, retried until Redis takes it (at least once:
+        a duplicate matches no step in flight and the scheduler acknowledges it as stale)."""
+        fields = S.encode(result)
+
+        def write() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.xadd(S.RESULTS, fields)
+            p.xack(self.plan_stream, S.WORKER_GROUP, entry_id)
+            p.execute()
+
+        retry_forever_sync(write, what="publish step result", log=log, stop_event=self.stop)
 
     def unregister(self) -> None:
         try:
@@ -252,48 +317,22 @@ class WorkerService:
             pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m gpu_worker.service", description="PagedFleet GPU worker")
-    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--worker-id", default=env("PAGEDFLEET_WORKER_ID"))
-    p.add_argument("--model", default=env("PAGEDFLEET_MODEL"))
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-gpu-blocks", type=int, default=None)
-    p.add_argument("--num-cpu-blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float,
-                   default=float(env("PAGEDFLEET_GPU_MEMORY_UTILIZATION", "0.9")))
-    p.add_argument("--kv-cache-dtype", default=None)
-    p.add_argument("--quantization", default=env("PAGEDFLEET_QUANTIZATION") or None, choices=[None, "none", "fp8"],
-                   help="fp8: decoder weights in float8_e4m3fn, activations quantized per token")
-    p.add_argument("--attention-backend", default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--metrics-port", type=int, default=int(env("PAGEDFLEET_WORKER_METRICS_PORT", "0")),
-                   help="Prometheus port (0: a free one)")
-    p.add_argument("--advertise-host", default=env("PAGEDFLEET_ADVERTISE_HOST", "127.0.0.1"),
-                   help="host Prometheus scrapes this worker's /metrics at; 'auto': this container's address "
-                        "(the local address of the route to Redis)")
-    p.add_argument("--heartbeat-interval", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_INTERVAL_S", "0.5")))
-    p.add_argument("--heartbeat-ttl", type=float, default=float(env("PAGEDFLEET_HEARTBEAT_TTL_S", "3.0")))
-    p.add_argument("--log-level", default="INFO")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    svc = WorkerService(args)
+    settings = WorkerSettings.from_cli(argv)
+    settings.setup_logging()
+    svc = WorkerService(settings)
+    drain = Drain(svc, settings.drain_timeout_s)
 
     def _stop(signum, frame):
         svc.stop.set()
 
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, lambda signum, frame: drain.start())  # scale-down: finish, then exit
     signal.signal(signal.SIGINT, _stop)
-    svc.build_runner()
+    try:
+        svc.build_runner()
+    except ValueError as e:  # a configuration the model cannot run, e.g. heads the tensor-parallel size does not divide
+        log.error("%s", e)
+        return 2
     metrics_url = svc.start_metrics()
     svc.register(metrics_url)
     hb = threading.Thread(target=svc.heartbeat_loop, name="heartbeat", daemon=True)
@@ -303,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         svc.stop.set()
         svc.unregister()
+        getattr(svc.runner, "close", lambda: None)()  # a tensor-parallel group's other ranks
     return 0
 
 

@@ -20,6 +20,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp8: decoder weights in float8_e4m3fn, activations quantized per token (Hopper FP8 "
                         "tensor cores; on the CPU only a check of the numbers)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks of the worker's tensor-parallel group (this process + N-1 spawned; gloo on the CPU, "
+                        "NCCL on CUDA)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -37,11 +40,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         err = e.errors()[0]
         print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    llm = LLM(
-        args.model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
-        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
+    try:
+        llm = LLM(
+            args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+            num_gpu_blocks=args.num_gpu_blocks, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+            enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+        )
+    except ValueError as e:  # e.g. heads that the tensor-parallel size does not divide
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.chat:
             outs = llm.chat([{"role": "user", "content": args.prompt}], params)

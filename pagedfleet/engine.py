@@ -38,6 +38,7 @@ class EngineConfig:
     policy: str = "fcfs"
     preemption_mode: str = "auto"
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks of the worker group (gpu_worker/tp_group.py): 1 + N-1 spawned processes
     # gc.collect() then gc.freeze() once the engine is built: the ~10^5 objects of torch, the model and the
     # other libraries move to the permanent generation, so a full collection (triggered every few dozen
     # steps by the per-step messages) no longer walks them: ~100 ms each on a busy CPU, ~2 ms per step
@@ -51,6 +52,7 @@ _WORKER_OPTIONS = (
     "device", "dtype", "block_size", "num_gpu_blocks", "num_cpu_blocks", "gpu_memory_utilization",
     "kv_cache_dtype", "quantization", "attention_backend", "max_model_len", "seed", "max_num_seqs",
     "max_num_batched_tokens",  # the worker profiles a step of this size before sizing the KV cache
+    "tensor_parallel_size",
 )
 _SCHEDULER_OPTIONS = (
     "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching", "policy",
@@ -66,7 +68,8 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides: Any):
-        from gpu_worker import ModelRunner, WorkerConfig
+        from gpu_worker import WorkerConfig
+        from gpu_worker.tp_group import start_runner
         from scheduler import Scheduler, SchedulerConfig
         from model_io.model_files import resolve_model
         from model_io.tokenizer import Tokenizer
@@ -83,11 +86,15 @@ class LLMEngine:
         worker_kwargs = {name: getattr(config, name) for name in _WORKER_OPTIONS}
         worker_kwargs["model"] = config.model or files.name
         worker_kwargs.update(config.extra_worker)
-        self.runner = ModelRunner(WorkerConfig(**worker_kwargs), worker_id="local")
+        self.runner = start_runner(WorkerConfig(**worker_kwargs), worker_id="local")
         self.worker_info = self.runner.info
-        self.scheduler = Scheduler(
-            SchedulerConfig(**{name: getattr(config, name) for name in _SCHEDULER_OPTIONS}), self.worker_info
-        )
+        try:
+            self.scheduler = Scheduler(
+                SchedulerConfig(**{name: getattr(config, name) for name in _SCHEDULER_OPTIONS}), self.worker_info
+            )
+        except BaseException:
+            self.close()  # a tensor-parallel group's other ranks go too
+            raise
         self.max_model_len = self.worker_info.max_model_len
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
@@ -192,6 +199,12 @@ class LLMEngine:
                 self.scheduler.abort_request(out.request_id)
             out.finished = True
             out.finished_time = now
+
+    def close(self) -> None:
+        """Stop a tensor-parallel group's other ranks (a no-op for one rank; also done at exit)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def run_to_completion(self) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

@@ -90,10 +90,11 @@ def async_client(url: str, *, max_block_ms: int = 0, stall_tolerance_s: float = 
     opts = client_options(max_block_ms, stall_tolerance_s)
     opts["retry"] = AsyncRetry(_backoff(), RETRIES, supported_errors=OUTAGE_ERRORS)
     opts.update(kw)
-    pool_class = opts.pop("connection_pool_class", None)
-    if pool_class is not None:  # redis-py 8 no longer takes it in Redis.from_url: build the pool ourselves
-        return aioredis.Redis(connection_pool=pool_class.from_url(url, **opts))
-    return aioredis.Redis.from_url(url, **opts)
+    # Redis.from_url would hand connection_pool_class to every connection (a TypeError at the first command)
+    pool_class = opts.pop("connection_pool_class", aioredis.ConnectionPool)
+    client = aioredis.Redis(connection_pool=pool_class.from_url(url, **opts))
+    client.auto_close_connection_pool = True  # as from_url does: closing the client closes its pool
+    return client
 
 
 def sync_client(url: str, *, max_block_ms: int = 0, stall_tolerance_s: float = STALL_TOLERANCE_S,
@@ -102,7 +103,10 @@ def sync_client(url: str, *, max_block_ms: int = 0, stall_tolerance_s: float = S
     opts = client_options(max_block_ms, stall_tolerance_s)
     opts["retry"] = Retry(_backoff(), RETRIES, supported_errors=OUTAGE_ERRORS)
     opts.update(kw)
-    return redis.Redis.from_url(url, **opts)
+    pool_class = opts.pop("connection_pool_class", redis.ConnectionPool)
+    client = redis.Redis(connection_pool=pool_class.from_url(url, **opts))
+    client.auto_close_connection_pool = True
+    return client
 
 
 class Outage:

@@ -18,6 +18,7 @@ key                        entries / value                                      
 ``pf:dead``                ``DeadLetter`` (entries delivered too many times)           humans, tests
 ``pf:workers``             hash worker_id -> ``WorkerRegistration``                    scheduler, gateway
 ``pf:hb:{worker_id}``      the worker's incarnation, with a TTL (its heartbeat)        scheduler
+``pf:gw:{instance}``       a gateway process's lease (a TTL it refreshes)              scheduler (orphans)
 ``pf:job:{job_id}``        hash: ``meta`` (JobMeta), ``status``, ``result``, ``error`` gateways, scheduler
 ``pf:jobs:finished``       zset job_id -> finish time (for TTL expiry)                 housekeeping
 ``pf:active``              hash request_id -> ``ActiveRequest`` (recovery)             scheduler
@@ -64,6 +65,9 @@ OUTPUT_TTL_S = 600  # a finished request's output stream is kept this long
 JOB_TTL_S = 24 * 3600  # a finished job (its hash, result and output stream) is kept this long
 MAX_DELIVERIES = 5  # a request entry delivered more often (its consumer kept dying on it) is dead-lettered
 RECLAIM_IDLE_S = 60.0  # an entry pending this long on one consumer is reclaimed (that consumer died)
+# A gateway refreshes its lease key every TTL/4; the scheduler aborts the requests of a gateway whose lease
+# stayed missing for a TTL while Redis answered (its clients are gone with it).
+GATEWAY_LEASE_TTL_S = float(os.environ.get("PAGEDFLEET_GATEWAY_LEASE_TTL_S", "2.0"))
 
 
 def plan_stream(worker_id: str) -> str:
@@ -76,6 +80,10 @@ def output_stream(request_id: str) -> str:
 
 def heartbeat_key(worker_id: str) -> str:
     return f"{PREFIX}hb:{worker_id}"
+
+
+def gateway_lease_key(instance: str) -> str:
+    return f"{PREFIX}gw:{instance}"
 
 
 def job_key(job_id: str) -> str:
@@ -98,6 +106,8 @@ class RequestCommand(_Msg):
     request_id: str
     request: GenerationRequest | None = None
     job_id: str | None = Field(None, description="set when the request belongs to a job (status updates)")
+    gateway: str | None = Field(None, description="the gateway instance whose client follows it (interactive "
+                                                  "requests): aborted when that gateway's lease is gone")
     deliveries: int = Field(0, description="times an earlier copy of this entry was delivered (reclaim)")
     reason: str | None = None
 
@@ -112,6 +122,7 @@ class WorkerRegistration(_Msg):
     host: str = ""
     pid: int = 0
     registered_at: float = Field(default_factory=time.time)
+    draining: bool = Field(False, description="shutting down: takes no new requests, finishes its running ones")
 
 
 class ActiveRequest(_Msg):
@@ -120,6 +131,7 @@ class ActiveRequest(_Msg):
     version: int = PROTOCOL_VERSION
     request: GenerationRequest
     job_id: str | None = None
+    gateway: str | None = None
     worker_id: str | None = None
     resumes: int = 0
 

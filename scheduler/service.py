@@ -10,7 +10,8 @@ Failure handling: workers heartbeat (``pf:hb:{worker}``, a key with a TTL holdin
 worker whose key expired (or whose incarnation changed) is declared dead and each of its unfinished requests
 is re-added elsewhere with the tokens it already generated (recompute). Accepted requests are kept in
 ``pf:active`` until they finish, so a restarted scheduler resumes them too. Nothing is acknowledged before
-its effect is recorded.
+its effect is recorded. An interactive request whose gateway is gone (its lease ``pf:gw:{instance}``
+lapsed) is aborted (``scheduler/server/gateway_leases.py``); jobs run on.
 
 Settings: ``SchedulerSettings`` (scheduler/server/config.py): environment ``PAGEDFLEET_*`` and flags.
 """
@@ -33,6 +34,7 @@ from redis.exceptions import ResponseError
 from protocol import streams as S
 from protocol.redis_conn import OUTAGE_ERRORS, Outage, async_client, sync_client
 from scheduler.server.config import SchedulerSettings
+from scheduler.server.gateway_leases import GatewayLeases
 from scheduler.server.http import serve_http
 from scheduler.server.intake import Intake
 from scheduler.server.metrics import SchedulerMetrics, scheduler_metrics
@@ -41,6 +43,7 @@ from scheduler.server.publishing import Publisher
 from scheduler.server.recovery import Recovery
 from scheduler.server.registry import Lease, WorkerRegistry
 from scheduler.server.state import ServiceState
+from scheduler.server.stats_log import StatsLog
 from scheduler.server.step_loop import StepLoop
 from scheduler.server.stream_trim import safe_trim_minid
 
@@ -63,7 +66,9 @@ class SchedulerService(ServiceState):
         self.registry = WorkerRegistry(self, self.recovery.declare_dead, self.step_loop.start,
                                        self.placement.place_orphans)
         self.intake = Intake(self, self.placement, self.publisher)
+        self.gateway_leases = GatewayLeases(self, self.intake.abort)
         self.lease = Lease(self, self.instance)
+        self.stats_log = StatsLog(self)
         self._last_trim = 0.0
 
     async def connect(self) -> None:
@@ -90,6 +95,7 @@ class SchedulerService(ServiceState):
             try:
                 await self.registry.check_workers()
                 await self.placement.place_orphans()
+                await self.gateway_leases.check()
                 now = time.monotonic()
                 if now - last_poll > STREAM_POLL_S:
                     last_poll = now
@@ -122,10 +128,11 @@ class SchedulerService(ServiceState):
         await self.recovery.bounce_workers()
         await self.recovery.recover_active()
         loops = {"lease": self.lease.keep, "monitor": self.monitor_loop, "requests": self.intake.requests_loop,
-                 "results": self.step_loop.results_loop}
+                 "results": self.step_loop.results_loop, "stats": self.stats_log.loop}
         tasks = [asyncio.create_task(self._outlasting_outages(name, fn), name=name) for name, fn in loops.items()]
         tasks.append(asyncio.create_task(serve_http(self), name="http"))
-        log.info("scheduler %s up (http :%d)", self.instance, self.settings.scheduler_port)
+        log.info("scheduler %s up (http %s:%d)", self.instance, self.settings.scheduler_host,
+                 self.settings.scheduler_port)
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(tasks + [stop], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -164,7 +171,7 @@ class SchedulerService(ServiceState):
 
 def main(argv: list[str] | None = None) -> int:
     settings = SchedulerSettings.from_cli(argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings.setup_logging()
 
     async def _main():
         svc = SchedulerService(settings, scheduler_metrics())

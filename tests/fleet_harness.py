@@ -31,17 +31,23 @@ def redis_binary() -> str:
 
 
 class RedisServer:
+    """redis-server with the fleet's durable options (pagedfleet.serve.redis_server_args: an append-only
+    file in ``workdir``), so ``restart()`` after ``kill()`` keeps the data, as in production."""
+
     def __init__(self, workdir: Path):
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.log = open(workdir / "redis.log", "wb")
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.log = open(workdir / "redis.log", "ab")
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        from pagedfleet.serve import redis_server_args
+
+        self.proc = subprocess.Popen(redis_server_args(self.port, self.workdir), stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         import redis
 
         r = redis.Redis.from_url(self.url)
@@ -50,11 +56,20 @@ class RedisServer:
             try:
                 r.ping()
                 break
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("redis-server did not start")
                 time.sleep(0.05)
         r.close()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash): what the append-only file holds survives a ``start()``."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def pause(self, sig: int = signal.SIGSTOP) -> None:
+        """SIGSTOP (a stall: connections stay open, nothing answers); ``pause(signal.SIGCONT)`` resumes."""
+        os.killpg(self.proc.pid, sig)
 
     def client(self):
         import redis
@@ -157,11 +172,12 @@ class Fleet:
                                         "--http-host", "127.0.0.1", "--max-model-len", str(self.max_model_len),
                                         "--lease-ttl", "2", *self.scheduler_args])
 
-    def start_worker(self, i: int) -> subprocess.Popen:
+    def start_worker(self, i: int, extra_args: list[str] = ()) -> subprocess.Popen:
+        """``extra_args``: this worker's own options after the fleet's (e.g. ``["--tensor-parallel-size", "2"]``)."""
         return self.start(f"worker{i}", [PY, "-m", "gpu_worker.service", "--worker-id", f"worker{i}", "--device", "cpu",
                                          "--num-gpu-blocks", str(self.num_gpu_blocks), "--threads", "1",
                                          "--max-model-len", str(self.max_model_len), "--metrics-port", "0",
-                                         *self.worker_args])
+                                         *self.worker_args, *extra_args])
 
     def start_gateway(self, name: str = "gateway", port: int | None = None) -> subprocess.Popen:
         port = port or self.gateway_port

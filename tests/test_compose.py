@@ -207,10 +207,21 @@ def test_gpu_worker_command_runs_on_cuda_and_serves_metrics(compose):
     assert "--metrics-port" in argv and "--advertise-host" in argv
     # no shell wrapper: the worker resolves its own address, and the service accepts every flag
     assert argv[argv.index("--advertise-host") + 1] == "auto"
-    from gpu_worker.service import build_parser
+    from gpu_worker.settings import WorkerSettings
 
-    args = build_parser().parse_args(argv[3:])
-    assert args.device == "cuda" and args.metrics_port == 8002 and args.advertise_host == "auto"
+    args = WorkerSettings.from_cli(argv[3:])
+    assert args.device == "cuda" and args.worker_metrics_port == 8002 and args.advertise_host == "auto"
+    assert args.worker_metrics_host == "0.0.0.0"  # its default is 127.0.0.1: Prometheus scrapes it over the network
+
+
+def test_every_service_command_parses_with_its_settings(compose):
+    from gateway.settings import GatewaySettings
+    from scheduler.server.config import SchedulerSettings
+
+    for name, model in (("gateway", GatewaySettings), ("scheduler", SchedulerSettings)):
+        argv = _argv(compose["services"][name]["command"])
+        s = model.from_cli(argv[3:])
+        assert (s.host if name == "gateway" else s.scheduler_host) == "0.0.0.0", name
 
 
 def test_advertise_host_auto_resolves_an_address():

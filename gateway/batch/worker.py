@@ -22,6 +22,7 @@ from celery.signals import worker_ready
 
 from gateway.batch import store
 from gateway.settings import GatewaySettings
+from protocol.celery_app import json_celery_app
 from protocol.redis_conn import OUTAGE_ERRORS, async_client, sync_client
 
 log = logging.getLogger("pagedfleet.batch")
@@ -33,13 +34,9 @@ TASK = "pagedfleet.run_batch"
 def make_app(settings: GatewaySettings) -> Celery:
     """The Celery app: broker on the fleet's Redis, JSON only; a run is acknowledged when it starts (a
     worker that dies mid-run is covered by the lease and the sweeper, not by redelivery)."""
-    app = Celery("pagedfleet-batch", broker=settings.redis_url)
-    app.conf.update(
-        task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
-        event_serializer="json", task_default_queue=QUEUE, task_ignore_result=True, timezone="UTC",
-        enable_utc=True, worker_hijack_root_logger=False, broker_connection_retry_on_startup=True,
-        worker_prefetch_multiplier=1, task_acks_late=False,
-    )
+    app = json_celery_app("pagedfleet-batch", settings.redis_url, log_level=settings.log_level,
+                          log_format=settings.log_format, task_default_queue=QUEUE, task_ignore_result=True,
+                          worker_prefetch_multiplier=1, task_acks_late=False)
 
     @app.task(name=TASK)
     def run_batch(batch_id: str) -> str | None:

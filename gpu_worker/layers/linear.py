@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker import distributed
 from gpu_worker.layers._fused import fused
 
 
@@ -65,6 +66,22 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+
+class VocabParallelEmbedding(Embedding):
+    """A tensor-parallel rank's rows [start, start + rows) of the embedding: ids outside them give zeros,
+    and the all-reduce over the ranks sums the one rank's row that each id has (gpu_worker/distributed.py).
+    Only built at tensor_parallel_size > 1."""
+
+    def __init__(self, rows: int, dim: int, start: int, *, device=None, dtype=None):
+        super().__init__(rows, dim, device=device, dtype=dtype)
+        self.start, self.rows = start, rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return distributed.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0.0))
 
 
 def prepack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:

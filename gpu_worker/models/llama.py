@@ -4,6 +4,14 @@ attention layers write K/V into and read the context from the paged cache throug
 
 Weights use Hugging Face names except two fusions (the loader concatenates): ``self_attn.qkv_proj``
 = [q_proj; k_proj; v_proj] and ``mlp.gate_up_proj`` = [gate_proj; up_proj].
+
+Tensor parallel (``tp_size`` N > 1, Megatron-style; gpu_worker/distributed.py): each rank holds
+num_heads / N query heads and num_kv_heads / N KV heads (its qkv_proj rows, its o_proj columns: one
+all-reduce after o_proj), intermediate_size / N of the MLP (gate_up rows, down columns: one all-reduce
+after down_proj), and ceil(vocab / N) rows of the embedding and the LM head (the embedding masks the ids
+outside its rows and all-reduces; the logits are all-gathered, so every rank samples the same tokens
+from the same logits and their per-sequence state stays in lockstep with no token broadcast, as in
+vLLM V1). At N = 1 none of this runs: the layers are the plain ones.
 """
 
 from __future__ import annotations
@@ -14,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpu_worker import distributed
 from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
 from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
-from gpu_worker.layers.linear import linear_prepacked, prepack_cpu_weight
+from gpu_worker.layers.linear import VocabParallelEmbedding, linear_prepacked, prepack_cpu_weight
 
 
 @dataclass
@@ -59,14 +68,29 @@ class LlamaArgs:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
+    def check_tensor_parallel(self, n: int) -> None:
+        """Refuse a shape that N ranks cannot split evenly (heads, KV heads, MLP width)."""
+        if n < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {n}")
+        if self.num_heads % n or self.num_kv_heads % n or self.intermediate_size % n:
+            raise ValueError(
+                f"tensor_parallel_size {n}: the model's num_attention_heads ({self.num_heads}), "
+                f"num_key_value_heads ({self.num_kv_heads}) and intermediate_size ({self.intermediate_size}) "
+                f"must all be divisible by it")
+
+    def vocab_shard(self, n: int) -> int:
+        """Rows of the embedding / LM head per rank (the last rank's tail past vocab_size is padding)."""
+        return -(-self.vocab_size // n)
+
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, layer_idx: int, **kw):
+    def __init__(self, a: LlamaArgs, layer_idx: int, tp: int = 1, **kw):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_size = a.num_heads * a.head_dim
-        self.kv_size = a.num_kv_heads * a.head_dim
+        self.tp = tp
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads // tp, a.num_kv_heads // tp, a.head_dim
+        self.q_size = self.num_heads * a.head_dim
+        self.kv_size = self.num_kv_heads * a.head_dim
         self.scale = a.head_dim ** -0.5
         self.qkv_proj = Linear(a.hidden_size, self.q_size + 2 * self.kv_size, **kw)
         self.o_proj = Linear(self.q_size, a.hidden_size, **kw)
@@ -84,27 +108,31 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache[self.layer_idx, 0], kv_cache[self.layer_idx, 1]
         backend.write_kv(k, v, k_cache, v_cache, meta, self.k_scale, self.v_scale)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
-        return self.o_proj(o.reshape(T, self.q_size))
+        out = self.o_proj(o.reshape(T, self.q_size))
+        return distributed.all_reduce(out) if self.tp > 1 else out
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, **kw):
+    def __init__(self, a: LlamaArgs, tp: int = 1, **kw):
         super().__init__()
-        self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, **kw)
-        self.down_proj = Linear(a.intermediate_size, a.hidden_size, **kw)
+        self.tp = tp
+        inter = a.intermediate_size // tp
+        self.gate_up_proj = Linear(a.hidden_size, 2 * inter, **kw)
+        self.down_proj = Linear(inter, a.hidden_size, **kw)
         self.act = SiluAndMul()
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        out = self.down_proj(self.act(self.gate_up_proj(x)))
+        return distributed.all_reduce(out) if self.tp > 1 else out
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, layer_idx: int, **kw):
+    def __init__(self, a: LlamaArgs, layer_idx: int, tp: int = 1, **kw):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
-        self.self_attn = LlamaAttention(a, layer_idx, **kw)
+        self.self_attn = LlamaAttention(a, layer_idx, tp, **kw)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
-        self.mlp = LlamaMLP(a, **kw)
+        self.mlp = LlamaMLP(a, tp, **kw)
 
     def forward(self, rope, x, residual, kv_cache, meta, backend):
         if residual is None:
@@ -118,12 +146,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, a: LlamaArgs, max_positions: int, **kw):
+    def __init__(self, a: LlamaArgs, max_positions: int, tp_rank: int = 0, tp: int = 1, **kw):
         super().__init__()
-        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size, **kw)
+        if tp == 1:
+            self.embed_tokens = Embedding(a.vocab_size, a.hidden_size, **kw)
+        else:
+            rows = a.vocab_shard(tp)
+            self.embed_tokens = VocabParallelEmbedding(rows, a.hidden_size, tp_rank * rows, **kw)
         self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling,
                                       device=kw.get("device"), dtype=kw.get("dtype") or torch.float32)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, **kw) for i in range(a.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, tp, **kw) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, **kw)
 
     def forward(self, input_ids, positions, kv_cache, meta, backend):
@@ -137,15 +169,18 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: LlamaArgs, max_positions: int | None = None, *, device=None, dtype=None):
+    def __init__(self, args: LlamaArgs, max_positions: int | None = None, *, device=None, dtype=None,
+                 tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
+        args.check_tensor_parallel(tp_size)
         self.args = args
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         kw = dict(device=device, dtype=dtype)
-        self.model = LlamaModel(args, max_positions or args.max_position_embeddings, **kw)
+        self.model = LlamaModel(args, max_positions or args.max_position_embeddings, tp_rank, tp_size, **kw)
         if args.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, **kw)
+            self.lm_head = Linear(args.hidden_size, args.vocab_shard(tp_size), **kw)
         self._lm_head_packed: torch.Tensor | None = None
 
     @property
@@ -160,8 +195,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> float32 logits [n, vocab]."""
         if self._lm_head_packed is not None:
-            return linear_prepacked(hidden, self._lm_head_packed).float()
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+            logits = linear_prepacked(hidden, self._lm_head_packed)
+        else:
+            logits = torch.nn.functional.linear(hidden, self.lm_head_weight)
+        if self.tp_size > 1:  # every rank's vocab shard, then the padding rows cut off
+            return distributed.all_gather_last(logits)[..., : self.args.vocab_size].float()
+        return logits.float()
 
     def prepack_cpu(self) -> bool:
         """CPU, bf16: every linear layer and the LM head in oneDNN's weight layout (layers/linear.py); a

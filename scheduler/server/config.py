@@ -1,39 +1,38 @@
-"""The scheduler side's settings: one pydantic-settings model, read from the environment (``PAGEDFLEET_*``)
-and, in ``python -m scheduler.service``, from the command line (the same names in kebab case). Celery
-housekeeping reads the same model (from the environment only)."""
+"""The scheduler side's settings: one pydantic-settings model (protocol/service_settings.py), read from the
+environment (``PAGEDFLEET_*``) and, in ``python -m scheduler.service``, from the command line (the same names
+in kebab case). Celery housekeeping reads the same model (from the environment only)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field
 
 from protocol import streams as S
+from protocol.service_settings import INTERNAL_HOST, ServiceSettings, service_config
 from scheduler.scheduler import SchedulerConfig
 
 
-class SchedulerSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="PAGEDFLEET_", extra="ignore", populate_by_name=True,
-        cli_prog_name="python -m scheduler.service", cli_kebab_case=True, cli_implicit_flags=True,
+class SchedulerSettings(ServiceSettings):
+    model_config = service_config(
+        "python -m scheduler.service",
         # the flags' earlier spellings keep working
         cli_shortcuts={"scheduler-host": "http-host", "scheduler-port": "http-port", "output-ttl-s": "output-ttl",
                        "job-ttl-s": "job-ttl"},
     )
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0",
-                           validation_alias=AliasChoices("redis_url", "PAGEDFLEET_REDIS_URL", "REDIS_URL"))
-    scheduler_host: str = Field("0.0.0.0", description="the HTTP port's address")
+    scheduler_host: str = Field(INTERNAL_HOST, description="the HTTP port's address (0.0.0.0 on an internal "
+                                                           "network: compose, Kubernetes)")
     scheduler_port: int = Field(8001, description="HTTP: /metrics, /sd, /block-map, /v1/workers, /stats, /health")
     # the policy (one Scheduler per worker)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    chunked_prefill: bool = True
-    prefix_caching: bool = True
-    policy: Literal["fcfs", "priority"] = "fcfs"
-    preemption_mode: Literal["auto", "swap", "recompute"] = "auto"
-    max_model_len: int | None = None
+    max_num_seqs: int = Field(256, description="most requests one worker runs at once")
+    max_num_batched_tokens: int = Field(2048, description="tokens one step computes at most (a prefill is chunked)")
+    chunked_prefill: bool = Field(True, description="split long prompts over steps, decodes alongside")
+    prefix_caching: bool = Field(True, description="share the KV blocks of common prompt prefixes")
+    policy: Literal["fcfs", "priority"] = Field("fcfs", description="which waiting request goes first")
+    preemption_mode: Literal["auto", "swap", "recompute"] = Field(
+        "auto", description="out of KV blocks: swap to CPU blocks or recompute later (auto: swap when it fits)")
+    max_model_len: int | None = Field(None, description="context limit (default: each worker's)")
     # the fleet
     monitor_interval: float = Field(0.25, description="seconds between liveness checks")
     max_resumes: int = Field(3, description="a request that loses more workers fails")
@@ -48,16 +47,16 @@ class SchedulerSettings(BaseSettings):
     rejoin_grace: float = Field(5.0,
                                 description="after a restart, seconds to wait for the known workers before placing")
     track_preemption: bool = Field(True, description="job status 'preempted' while a job's request is preempted")
-    log_level: str = "INFO"
+    stats_log_interval_s: float = Field(10.0, description="seconds between throughput lines while busy (0: none)")
+    # the autoscaling gauge pagedfleet_desired_workers (scheduler/server/autoscale.py)
+    target_queue_per_worker: float = Field(
+        4.0, gt=0, description="waiting requests one worker may have before another is wanted")
+    target_kv_utilization: float = Field(
+        0.8, gt=0, le=1, description="KV-cache use a worker should run at: above it, another worker is wanted")
     # Celery housekeeping
     reclaim_idle_s: float = Field(S.RECLAIM_IDLE_S,
                                   description="entries pending this long on one consumer are reclaimed")
     housekeeping_period_s: float = Field(15.0, description="seconds between reclaims (expiry and trims: twice that)")
-
-    @classmethod
-    def from_cli(cls, argv: list[str] | None = None) -> SchedulerSettings:
-        """Environment, then the command line (``argv``; None: sys.argv[1:])."""
-        return CliApp.run(cls, cli_args=argv)
 
     def scheduler_config(self) -> SchedulerConfig:
         """The policy's configuration for every worker's Scheduler."""

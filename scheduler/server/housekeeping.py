@@ -33,6 +33,7 @@ from protocol import FinishReason, RequestOutputDelta, SequenceOutputDelta
 from protocol import streams as S
 from protocol.redis_conn import sync_client
 from protocol.jobs import JobMeta
+from protocol.celery_app import json_celery_app
 from scheduler.server.config import SchedulerSettings
 from scheduler.server.output_streams import queue_output_delta
 from scheduler.server.stream_trim import safe_trim_minid
@@ -43,24 +44,12 @@ QUEUE = "pagedfleet-housekeeping"
 STATS = S.HOUSEKEEPING_STATS
 RECLAIMER = "housekeeper"
 
-
 def make_app(settings: SchedulerSettings) -> Celery:
     """The Celery app: broker and backend on the fleet's Redis, JSON only, beat's schedule in memory."""
-    app = Celery("pagedfleet", broker=settings.redis_url, backend=settings.redis_url)
     period = settings.housekeeping_period_s
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        event_serializer="json",
-        task_default_queue=QUEUE,
-        task_ignore_result=True,
-        result_expires=3600,
-        timezone="UTC",
-        enable_utc=True,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
+    app = json_celery_app(
+        "pagedfleet", settings.redis_url, log_level=settings.log_level, log_format=settings.log_format,
+        backend=True, task_default_queue=QUEUE, task_ignore_result=True, result_expires=3600,
         beat_scheduler="celery.beat:Scheduler",  # in memory: the default PersistentScheduler pickles to a shelve
         beat_schedule={
             "expire-jobs": {"task": "pagedfleet.expire_jobs", "schedule": period * 2},

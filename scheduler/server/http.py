@@ -29,7 +29,7 @@ def _jsonable(x):
 
 def workers_json(state: ServiceState) -> list[dict]:
     return [{"worker_id": wid, "model": h.reg.info.model, "metrics_address": h.reg.metrics_url,
-             "incarnation": h.reg.incarnation, "info": h.reg.info.model_dump(),
+             "incarnation": h.reg.incarnation, "draining": h.reg.draining, "info": h.reg.info.model_dump(),
              "requests": len(h.requests), "steps": h.steps, "stats": _jsonable(h.sched.stats())}
             for wid, h in state.workers.items()]
 
@@ -40,6 +40,7 @@ def block_map(state: ServiceState) -> dict:
         entry = dict(h.sched.block_map())
         entry.setdefault("worker_id", wid)
         entry.setdefault("model", h.reg.info.model)
+        entry.setdefault("tensor_parallel_size", h.reg.info.tensor_parallel_size)  # a TP group is one worker
         workers.append(_jsonable(entry))
     return {"workers": workers}
 
@@ -63,6 +64,7 @@ def build_http_app(state: ServiceState) -> FastAPI:
     @app.get("/stats")
     def stats() -> dict:
         return {"workers": {wid: _jsonable(h.sched.stats()) for wid, h in state.workers.items()},
+                "config": state.settings.scheduler_config().model_dump(),  # the policy every worker runs
                 "requests": len(state.requests), "orphans": len(state.orphans),
                 "request_ids": sorted(state.requests)[:100],
                 "worker_requests": {wid: sorted(h.requests)[:100] for wid, h in state.workers.items()}}
@@ -86,7 +88,8 @@ async def serve_http(state: ServiceState) -> None:
     """Serve until the service stops."""
     s = state.settings
     server = _Server(uvicorn.Config(build_http_app(state), host=s.scheduler_host, port=s.scheduler_port,
-                                    log_level="warning", lifespan="off"))
+                                    log_level="warning", lifespan="off",
+                                    log_config=None, access_log=False))  # logging: protocol/logs.py
     task = asyncio.create_task(server.serve())
     await state.stopping.wait()
     server.should_exit = True

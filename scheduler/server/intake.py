@@ -83,7 +83,7 @@ class Intake:
         if req.sampling.seed is None:
             # fix the seed now so a resumed request samples exactly what it would have
             req = req.model_copy(update={"sampling": req.sampling.model_copy(update={"seed": random.getrandbits(62)})})
-        st = ReqState(request=req, job_id=cmd.job_id)
+        st = ReqState(request=req, job_id=cmd.job_id, gateway=cmd.gateway)
         s.requests[rid] = st
         ok = await self.placement.place(st)
         if ok and rid in s.requests:

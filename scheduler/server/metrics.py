@@ -132,6 +132,11 @@ class SchedulerMetrics:
                                WORKER_LABELS, registry=reg)
         self.heartbeat_age = Gauge("pagedfleet_worker_heartbeat_age_seconds", "Seconds since the last heartbeat.",
                                    WORKER_LABELS, registry=reg)
+        # autoscaling (KEDA: deploy/kubernetes/components/keda); the formula: scheduler/server/autoscale.py
+        self.desired_workers = Gauge("pagedfleet_desired_workers",
+                                     "Workers the load asks for: KV blocks in use over the target utilisation "
+                                     "of one worker's blocks, plus waiting requests over the target queue.",
+                                     registry=reg)
 
     def _declare_ledger(self, reg: CollectorRegistry) -> None:
         g, c = _gauge(reg), _counter(reg)

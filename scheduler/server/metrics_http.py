@@ -49,6 +49,7 @@ def build_block_map(schedulers: Mapping[str, Any]) -> dict[str, Any]:
             entry.setdefault("model", info.model)
             entry.setdefault("num_gpu_blocks", info.num_gpu_blocks)
             entry.setdefault("num_cpu_blocks", info.num_cpu_blocks)
+            entry.setdefault("tensor_parallel_size", getattr(info, "tensor_parallel_size", 1))
         workers.append(entry)
     return {"workers": workers}
 

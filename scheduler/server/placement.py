@@ -26,12 +26,12 @@ class Placement:
         """Live workers in order of preference for a request: those where it fits in the free blocks
         first; among them the longest prefix-cache hit, unless that worker's queue is more than
         ``max_queue_imbalance`` requests longer than the shortest; then the shortest queue; then the
-        most free blocks. Workers whose context is too short for it are left out."""
+        most free blocks. Workers whose context is too short for it, and draining ones, are left out."""
         tokens = st.request.prompt_token_ids
         length = len(tokens) + max((len(v) for v in st.generated.values()), default=0)
         rows = []
         for h in self.state.workers.values():
-            if h.dead or length >= h.reg.info.max_model_len:
+            if h.dead or h.reg.draining or length >= h.reg.info.max_model_len:
                 continue
             bs = h.reg.info.block_size
             need = math.ceil((length + 1) / bs) + (st.request.sampling.n - 1)
@@ -53,7 +53,7 @@ class Placement:
         """Add the request to the best worker's Scheduler that takes it. Returns False if it failed for good."""
         ranked = self.rank_workers(st)
         if not ranked:
-            if not self.state.workers:
+            if all(h.dead or h.reg.draining for h in self.state.workers.values()):  # none, or all draining: wait
                 self.state.orphans.append(st)
                 return True
             await self.finish_locally(st, FinishReason.ERROR, "prompt does not fit the context of any live worker")

@@ -102,7 +102,7 @@ class Recovery:
             except Exception:
                 await r.hdel(S.ACTIVE, rid)
                 continue
-            st = ReqState(request=act.request, job_id=act.job_id, resumes=act.resumes + 1)
+            st = ReqState(request=act.request, job_id=act.job_id, gateway=act.gateway, resumes=act.resumes + 1)
             finished = False
             started = False
             for _id, fields in await r.xrange(S.output_stream(rid)):

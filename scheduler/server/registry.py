@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from protocol import streams as S
@@ -13,6 +14,11 @@ from scheduler.scheduler import Scheduler
 from scheduler.server.state import ServiceState, WorkerHandle
 
 log = logging.getLogger("pagedfleet.scheduler")
+
+# After Redis was away (a check that took long, or a long gap since the last one) heartbeats have lapsed
+# there while the workers could not refresh them: no worker is declared dead for this long.
+OUTAGE_GRACE_S = 3.0
+SLOW_CHECK_S = 1.0
 
 
 class Lease:
@@ -54,6 +60,8 @@ class WorkerRegistry:
         self.declare_dead = declare_dead
         self.start_worker = start_worker  # starts the worker's step loop
         self.place_orphans = place_orphans
+        self._last_check = 0.0
+        self._grace_until = 0.0
 
     async def _registrations(self) -> dict[str, S.WorkerRegistration]:
         regs: dict[str, S.WorkerRegistration] = {}
@@ -76,14 +84,24 @@ class WorkerRegistry:
     async def check_workers(self) -> None:
         """Declare the dead ones dead and add the new ones."""
         s = self.state
+        started = time.monotonic()
         regs = await self._registrations()
         beats = await self._heartbeats(sorted(set(regs) | set(s.workers)))
-        for wid, h in list(s.workers.items()):
+        now = time.monotonic()
+        if self._last_check and (now - started > SLOW_CHECK_S or started - self._last_check > SLOW_CHECK_S):
+            self._grace_until = now + OUTAGE_GRACE_S
+        self._last_check = now
+        for wid, h in list(s.workers.items()) if now >= self._grace_until else ():
             reg = regs.get(wid)
             if beats.get(wid) != h.reg.incarnation or reg is None or reg.incarnation != h.reg.incarnation:
-                await self.declare_dead(h, "missed heartbeats" if beats.get(wid) != h.reg.incarnation
-                                        else "re-registered")
+                reason = ("unregistered: it stopped" if reg is None else "missed heartbeats"
+                          if beats.get(wid) != h.reg.incarnation else "re-registered")
+                await self.declare_dead(h, reason)
         for wid, reg in regs.items():
+            h = s.workers.get(wid)
+            if h is not None and reg.draining and not h.reg.draining:  # the same incarnation, now draining
+                log.info("worker %s draining: no new requests placed on it (%d running)", wid, len(h.requests))
+                h.reg = reg
             if wid in s.workers or beats.get(wid) != reg.incarnation:
                 continue
             await self.add_worker(reg)

@@ -16,6 +16,7 @@ from protocol.jobs import JobStatus
 from scheduler.scheduler import Scheduler
 from scheduler.server.config import SchedulerSettings
 from scheduler.server.metrics import SchedulerMetrics
+from scheduler.server.stats_log import Throughput
 
 
 class WorkerDead(Exception):
@@ -26,6 +27,7 @@ class WorkerDead(Exception):
 class ReqState:
     request: GenerationRequest
     job_id: str | None = None
+    gateway: str | None = None  # the gateway instance its client is on (interactive requests; jobs: None)
     worker_id: str | None = None
     generated: dict[int, list[int]] = field(default_factory=dict)
     finished_idx: set[int] = field(default_factory=set)
@@ -50,7 +52,7 @@ class ReqState:
 
     def active_record(self) -> S.ActiveRequest:
         """What ``pf:active`` keeps of it, for a restarted scheduler."""
-        return S.ActiveRequest(request=self.request, job_id=self.job_id, worker_id=self.worker_id,
+        return S.ActiveRequest(request=self.request, job_id=self.job_id, gateway=self.gateway, worker_id=self.worker_id,
                                resumes=self.resumes)
 
 
@@ -104,6 +106,7 @@ class WorkerHandle:
         for step in self.in_flight:
             if not step.result.done():
                 step.result.set_exception(exc)
+                step.result.exception()  # retrieved: the loop awaiting it may be cancelled already
 
 
 class ServiceState:
@@ -121,6 +124,7 @@ class ServiceState:
         self.have_worker = asyncio.Event()
         self.expected_workers: set[str] = set()  # workers of a previous scheduler, expected back
         self.started_at = time.time()
+        self.throughput = Throughput()  # tokens per step, for the periodic throughput line
 
     def forget(self, st: ReqState) -> None:
         self.requests.pop(st.request_id, None)

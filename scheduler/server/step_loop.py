@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from protocol import StepResult
 from protocol import streams as S
 from protocol.job_store import set_job_status
+from protocol.redis_conn import retry_forever
 from protocol.jobs import JobStatus
 from scheduler.sequence import SequenceStatus
 from scheduler.server.publishing import Publisher
@@ -26,6 +27,7 @@ from scheduler.server.state import InFlightStep, ReqState, ServiceState, WorkerD
 
 log = logging.getLogger("pagedfleet.scheduler")
 
+RESULT_IDLE_MS = 3000  # a StepResult pending on us this long was lost on its way (its XREADGROUP reply died)
 LEDGER_EVERY = 8  # steps between ledger gauge updates (and once when the worker goes idle)
 _PREEMPTED = (SequenceStatus.SWAPPED, SequenceStatus.WAITING)
 
@@ -79,7 +81,12 @@ class StepLoop:
         h.in_flight.append(step)
         self._note_plan(h, step)
         step.sent_at = time.perf_counter()
-        await self.state.r.xadd(S.plan_stream(h.wid), S.encode(plan), maxlen=S.PLAN_MAXLEN, approximate=True)
+        fields = S.encode(plan)
+        # an outage is waited out (the step stays in flight); a copy of a plan sent twice (its reply was lost)
+        # is not run twice: the worker skips step ids it has run
+        await retry_forever(lambda: self.state.r.xadd(S.plan_stream(h.wid), fields, maxlen=S.PLAN_MAXLEN,
+                                                      approximate=True),
+                            what=f"send plan to {h.wid}", log=log, stop_event=self.state.stopping)
         res, entry_id = await step.result
         rtt = time.perf_counter() - step.sent_at
         h.in_flight.popleft()
@@ -92,6 +99,7 @@ class StepLoop:
         self._observe(h, step, res, rtt, time.perf_counter() - t2)
 
     def _observe(self, h: WorkerHandle, step: InFlightStep, res: StepResult, rtt: float, update_s: float) -> None:
+        self.state.throughput.count(step.plan.num_batched_tokens, len(res.outputs))
         m = self.state.metrics
         if m is None:
             return
@@ -106,6 +114,7 @@ class StepLoop:
     async def results_loop(self) -> None:
         """Hand each StepResult to the step in flight it answers; acknowledge stale ones."""
         s = self.state
+        last_reclaim = time.monotonic()
         while not s.stopping.is_set():
             try:
                 resp = await s.r.xreadgroup(S.SCHEDULER_GROUP, "scheduler", {S.RESULTS: ">"}, count=64, block=1000)
@@ -114,10 +123,14 @@ class StepLoop:
                     await s.r.xgroup_create(S.RESULTS, S.SCHEDULER_GROUP, id="$", mkstream=True)
                     continue
                 raise
-            if not resp:
+            entries = resp[0][1] if resp else []
+            if time.monotonic() - last_reclaim > RESULT_IDLE_MS / 1000:
+                last_reclaim = time.monotonic()
+                entries = entries + await self._lost_results()
+            if not entries:
                 continue
             stale = []
-            for entry_id, fields in resp[0][1]:
+            for entry_id, fields in entries:
                 try:
                     res = S.decode(fields, StepResult)
                 except Exception as e:
@@ -131,6 +144,19 @@ class StepLoop:
                 step.result.set_result((res, entry_id))
             if stale:
                 await s.r.xack(S.RESULTS, S.SCHEDULER_GROUP, *stale)
+
+    async def _lost_results(self) -> list:
+        """StepResults delivered to us long ago and never acknowledged. Either their XREADGROUP
+        reply was lost with a dead connection (Redis restarted mid-reply: a step would wait for it forever)
+        or they belong to an earlier scheduler (stale, acknowledged by the caller). Claimed back, they are
+        handled like fresh ones."""
+        resp = await self.state.r.xautoclaim(S.RESULTS, S.SCHEDULER_GROUP, "scheduler", RESULT_IDLE_MS,
+                                             start_id="0-0", count=64)
+        entries = [(eid, fields) for eid, fields in resp[1] if fields]
+        gone = [eid for eid, fields in resp[1] if not fields]  # trimmed while pending
+        if gone:
+            await self.state.r.xack(S.RESULTS, S.SCHEDULER_GROUP, *gone)
+        return entries
 
     # ------------------------------------------------------------------ request and job status
     def _note_plan(self, h: WorkerHandle, step: InFlightStep) -> None:
