@@ -237,18 +237,18 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None  # accepted without tools (OpenAI does)
 
 
+def _not_in_jobs(v, info):
+    if v:
+        raise ValueError(f"{info.field_name} is not supported in jobs (use the OpenAI routes)")
+    return v
+
+
 class JobCompletionRequest(CompletionRequest):
     """POST /v1/jobs with a completion body (one prompt; jobs do not stream: poll GET /v1/jobs/{id})."""
 
     kind: Literal["completion"] | None = None
     stream: Literal[False] = False
-
-    @field_validator("echo", "best_of")
-    @classmethod
-    def _not_in_jobs(cls, v, info):
-        if v:
-            raise ValueError(f"{info.field_name} is not supported in jobs (use /v1/completions)")
-        return v
+    _no_echo = field_validator("echo", "best_of")(_not_in_jobs)
 
 
 class JobChatRequest(ChatCompletionRequest):
@@ -256,6 +256,7 @@ class JobChatRequest(ChatCompletionRequest):
 
     kind: Literal["chat"] | None = None
     stream: Literal[False] = False
+    _no_tools = field_validator("tools")(_not_in_jobs)
 
 
 def _job_kind(body: Any) -> str | None:
