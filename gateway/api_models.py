@@ -62,6 +62,34 @@ class StreamOptions(_Req):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Req):
+    name: Text = Field(max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Req):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object), json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Req):
+    """vLLM's current `structured_outputs` object: exactly one of its constraints."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = Field(None, min_length=1)
+    grammar: Text | None = None
+    json_object: bool | None = None
+
+
+# OpenAI fields accepted and ignored: they change nothing a model server computes (docs/api_limits.md).
+IGNORED_FIELDS = ("metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "user")
+
+
 class _SamplingFields(_Req):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names; vLLM's extras)."""
 
@@ -84,33 +112,34 @@ class _SamplingFields(_Req):
     priority: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[Text, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM: logprobs of the prompt")
+    # structured outputs: OpenAI's response_format; vLLM's guided_* and structured_outputs (one at most)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1)
+    guided_grammar: Text | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    # accepted and ignored (IGNORED_FIELDS)
     user: Text | None = None
-    logit_bias: dict[Text, float] | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
+    metadata: dict[str, Text] | None = None
+    store: bool | None = None
+    service_tier: Text | None = None
+    prompt_cache_key: Text | None = None
+    safety_identifier: Text | None = None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: (Text | list[TokenId] | Annotated[list[Text], Field(max_length=MAX_PROMPTS_PER_REQUEST)]
              | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS_PER_REQUEST)]) = Field(
         description=f"a text, a list of token ids, or a list of at most {MAX_PROMPTS_PER_REQUEST} of either")
-    max_tokens: int | None = Field(16, ge=1, description="prompt + max_tokens must fit the model's context")
+    max_tokens: int | None = Field(16, ge=0, description="prompt + max_tokens must fit the model's context; "
+                                                           "0 only with echo (the prompt's logprobs alone)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: Text | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
 
     @field_validator("suffix")
     @classmethod
@@ -146,11 +175,26 @@ class TextContentPart(BaseModel):
     text: Text
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -160,6 +204,27 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+class FunctionDef(_Req):
+    name: Text = Field(max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Req):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Req):
+    name: Text
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, description="default: the rest of the model's context")
@@ -167,6 +232,15 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted without tools (OpenAI does)
+
+
+def _not_in_jobs(v, info):
+    if v:
+        raise ValueError(f"{info.field_name} is not supported in jobs (use the OpenAI routes)")
+    return v
 
 
 class JobCompletionRequest(CompletionRequest):
@@ -174,6 +248,7 @@ class JobCompletionRequest(CompletionRequest):
 
     kind: Literal["completion"] | None = None
     stream: Literal[False] = False
+    _no_echo = field_validator("echo", "best_of")(_not_in_jobs)
 
 
 class JobChatRequest(ChatCompletionRequest):
@@ -181,6 +256,7 @@ class JobChatRequest(ChatCompletionRequest):
 
     kind: Literal["chat"] | None = None
     stream: Literal[False] = False
+    _no_tools = field_validator("tools")(_not_in_jobs)
 
 
 def _job_kind(body: Any) -> str | None:
@@ -220,12 +296,21 @@ class CompletionLogprobs(_Resp):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Resp):
+    """vLLM's entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(_Resp):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Resp):
@@ -260,9 +345,21 @@ class ChatLogprobs(_Resp):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Resp):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Resp):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Resp):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Resp):
@@ -283,9 +380,22 @@ class ChatCompletionResponse(_Resp):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(_Resp):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Resp):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(_Resp):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(_Resp):
@@ -313,6 +423,39 @@ class ModelCard(_Resp):
     owned_by: str = "pagedfleet"
     max_model_len: int | None = None
     workers: int = 0
+
+
+class TokenizeCompletion(_Req):
+    """vLLM's POST /tokenize with a prompt."""
+
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: bool = True
+
+
+class TokenizeChat(_Req):
+    """vLLM's POST /tokenize with messages (the chat template applied)."""
+
+    model: Text | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    tools: list[ToolDef] | None = None
+
+
+class TokenizeResponse(_Resp):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Req):
+    model: Text | None = None
+    tokens: list[TokenId] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(_Resp):
+    prompt: str
 
 
 class ModelList(_Resp):

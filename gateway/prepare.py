@@ -6,6 +6,7 @@ other requests and /health go on meanwhile.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from anyio import to_thread
@@ -15,6 +16,7 @@ from gateway import rate_limit
 from gateway.api_models import ChatCompletionRequest, CompletionRequest
 from gateway.auth import CALLER, record_request_owners
 from gateway.errors import BadRequest, validation_message
+from gateway import structured, tools
 from gateway.fleet import FleetClient
 from gateway.responses import make_request
 from model_io.output_processor import RequestOutputProcessor
@@ -28,11 +30,34 @@ class Prepared:
     params: SamplingParams
     model: str
     priority: int
+    n: int = 0  # completions returned per prompt (fewer than params.n with best_of: the best n)
+    echo: bool = False  # the prompt's text (and with logprobs its tokens' logprobs) lead each choice
+    prompt_only: bool = False  # max_tokens 0 with echo: the one generated token is dropped
+    tool_names: set[str] | None = None  # tools offered (the output is parsed into tool_calls)
+
+    def __post_init__(self) -> None:
+        self.n = self.n or self.params.n
 
 
-def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def _logit_bias(bias: dict[str, float], vocab: int | None) -> dict[int, float]:
+    out = {}
+    for k, v in bias.items():
+        if not k.isdigit() or (vocab is not None and int(k) >= vocab):
+            raise BadRequest(f"logit_bias: {k!r} is not a token id of this model (0 .. {vocab})", "logit_bias")
+        out[int(k)] = v
+    return out
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                    constraint=None, vocab: int | None = None) -> SamplingParams:
     kw: dict = {"n": body.n, "max_tokens": max_tokens, "ignore_eos": body.ignore_eos,
                 "skip_special_tokens": body.skip_special_tokens}
+    if constraint is not None:
+        kw["structured_output"] = constraint
+    if body.logit_bias:
+        kw["logit_bias"] = _logit_bias(body.logit_bias, vocab)
+    if body.prompt_logprobs is not None:
+        kw["prompt_logprobs"] = body.prompt_logprobs
     for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "min_tokens", "top_k", "stop"):
         v = getattr(body, name)
@@ -43,8 +68,15 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
     if isinstance(body, CompletionRequest):
         if body.logprobs is not None:
             kw["logprobs"] = body.logprobs
-        if body.best_of is not None and body.best_of != body.n:
-            raise BadRequest("best_of: only best_of == n is supported", "best_of")
+        if body.echo and body.logprobs is not None:  # the prompt's logprobs, as many top ones as the output's
+            kw["prompt_logprobs"] = max(body.prompt_logprobs or 0, body.logprobs)
+        if body.best_of is not None and body.best_of < body.n:
+            raise BadRequest(f"best_of ({body.best_of}) must be >= n ({body.n})", "best_of")
+        if body.best_of is not None and body.best_of > body.n:
+            if body.stream:
+                raise BadRequest("best_of: cannot be used with stream (the best are known at the end)", "best_of")
+            kw["n"] = body.best_of
+            kw.setdefault("logprobs", 0)  # the cumulative logprob ranks them
     else:
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequest("top_logprobs: requires logprobs to be true", "top_logprobs")
@@ -93,33 +125,58 @@ def _tokenizer(fleet: FleetClient):
     return tok
 
 
+async def constraint_of(fleet: FleetClient, body: CompletionRequest | ChatCompletionRequest):
+    """The request's structured-output constraint, compiled once (a 400 when it does not compile)."""
+    found = structured.requested(body)
+    if found is None:
+        return None
+    await structured.check(fleet, *found)
+    return found[1]
+
+
 async def prepare_completion(fleet: FleetClient, body: CompletionRequest, base_id: str) -> Prepared:
     model = check_model(fleet, body.model)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
-    params = sampling_params(body, max_tokens)
+    if max_tokens == 0 and not body.echo:
+        raise BadRequest("max_tokens: must be >= 1 (0 only with echo)", "max_tokens")
+    if body.echo and body.stream:
+        raise BadRequest("echo: not supported with stream", "echo")
+    prompt_only = max_tokens == 0
+    max_tokens = max(1, max_tokens)
+    params = sampling_params(body, max_tokens, await constraint_of(fleet, body), await fleet.vocab_size())
     prompts = []
     for p in body.prompts():
         ids = list(p) if isinstance(p, list) else await to_thread.run_sync(_tokenizer(fleet).encode, p)
         await check_prompt(fleet, ids, max_tokens)
         prompts.append(ids)
     rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-    return await _charged(fleet, Prepared(rids, prompts, params, model, body.priority))
+    return await _charged(fleet, Prepared(rids, prompts, params, model, body.priority, n=body.n, echo=body.echo,
+                                          prompt_only=prompt_only))
 
 
 async def prepare_chat(fleet: FleetClient, body: ChatCompletionRequest, base_id: str) -> Prepared:
     model = check_model(fleet, body.model)
     tok = _tokenizer(fleet)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        ids = await to_thread.run_sync(tok.encode_chat, messages, body.add_generation_prompt)
-    except Exception as e:  # template errors (raise_exception in the template) name the problem
-        raise BadRequest(f"messages: {e}", "messages") from None
+    use_tools = tools.active(body)
+    text = await render_chat(tok, chat_messages(body.messages), body.add_generation_prompt,
+                             body.tools if use_tools else None)
+    ids = await to_thread.run_sync(lambda: tok.encode(text, add_special_tokens=False))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     await check_prompt(fleet, ids, max_tokens, "messages")
     if max_tokens is None:
         max_tokens = max(1, await fleet.max_model_len() - len(ids))
-    params = sampling_params(body, max_tokens)
-    return await _charged(fleet, Prepared([base_id], [ids], params, model, body.priority))
+    constraint = await constraint_of(fleet, body)
+    forced = tools.constraint(body) if use_tools else None
+    if forced is not None:
+        if constraint is not None:
+            raise BadRequest("tool_choice: a required or named tool does not combine with response_format",
+                             "tool_choice")
+        await structured.check(fleet, "tools", forced)
+        constraint = forced
+    params = sampling_params(body, max_tokens, constraint, await fleet.vocab_size())
+    prep = Prepared([base_id], [ids], params, model, body.priority,
+                    tool_names={t.function.name for t in body.tools} if use_tools else None)
+    return await _charged(fleet, prep)
 
 
 async def _charged(fleet: FleetClient, prep: Prepared) -> Prepared:
@@ -127,6 +184,47 @@ async def _charged(fleet: FleetClient, prep: Prepared) -> Prepared:
     tokens = sum(len(p) for p in prep.prompts) + prep.params.max_tokens * prep.params.n * len(prep.prompts)
     await rate_limit.charge_tokens(fleet.redis, fleet.settings, CALLER.get(), tokens)
     return prep
+
+
+def chat_messages(messages) -> list[dict]:
+    """The messages as transformers passes them to a chat template: tool calls with their arguments parsed
+    (templates render them with tojson, as vLLM passes them), tool results with their tool_call_id."""
+    out = []
+    for m in messages:
+        d: dict = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise BadRequest("messages: a tool call's function.arguments must be JSON text", "messages") from None
+
+
+async def render_chat(tok, messages: list[dict], add_generation_prompt: bool, tool_defs=None) -> str:
+    """The chat template's text; with tools, passed as transformers passes them (``tools=``), or written in
+    the messages when the template knows no tools (gateway/tools.py)."""
+    kw = {}
+    if tool_defs:
+        defs = [t.model_dump(exclude_none=True) for t in tool_defs]
+        if tools.template_knows_tools(tok.chat_template):
+            kw["tools"] = defs
+        else:
+            messages = tools.hermes_messages(messages, defs)
+    try:
+        return await to_thread.run_sync(lambda: tok.apply_chat_template(messages, add_generation_prompt, **kw))
+    except Exception as e:  # template errors (raise_exception in the template) name the problem
+        raise BadRequest(f"messages: {e}", "messages") from None
 
 
 def processors(fleet: FleetClient, prep: Prepared, include_stop: bool) -> list[RequestOutputProcessor]:

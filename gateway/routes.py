@@ -20,11 +20,13 @@ from gateway.api_models import (
 )
 from gateway.deps import Fleet, JsonBody, Metrics, Texts
 from gateway.follow import collect_unless_disconnected, finish_metrics, raise_on_error, start_metrics
-from gateway.prepare import prepare_chat, prepare_completion, processors, submit
+from gateway.prepare import check_model, prepare_chat, prepare_completion, processors, submit
 from gateway.responses import chat_response, completion_response, new_id
 from gateway.streaming import STREAM_RESPONSE, chat_events, completion_events, event_stream
+from gateway.tokenize_routes import router as tokenize_router
 
 router = APIRouter()
+router.include_router(tokenize_router)
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 500, 503)}
 _DISCONNECTED = {"error": {"message": "client disconnected", "type": "aborted"}}
@@ -48,7 +50,7 @@ async def create_completion(body: CompletionRequest, request: Request, fleet: Fl
         finish_metrics(mtracks, "abort")
         return JSONResponse(_DISCONNECTED, status_code=499)
     raise_on_error(procs)
-    return completion_response(rid, prep.model, procs, tt, want_lp)
+    return completion_response(rid, prep.model, procs, tt, want_lp, prep=prep)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -69,7 +71,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         finish_metrics(mtracks, "abort")
         return JSONResponse(_DISCONNECTED, status_code=499)
     raise_on_error(procs)
-    return chat_response(rid, prep.model, procs[0], tt, body.logprobs)
+    return chat_response(rid, prep.model, procs[0], tt, body.logprobs, tool_names=prep.tool_names)
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -77,6 +79,13 @@ async def list_models(fleet: Fleet) -> ModelList:
     workers = [w for w in await fleet.live_workers() if fleet.serves(w.info.model)]
     return ModelList(data=[ModelCard(id=fleet.model.name, max_model_len=await fleet.max_model_len(),
                                      workers=len(workers))])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def get_model(model_id: str, fleet: Fleet) -> ModelCard:
+    check_model(fleet, model_id)
+    workers = [w for w in await fleet.live_workers() if fleet.serves(w.info.model)]
+    return ModelCard(id=fleet.model.name, max_model_len=await fleet.max_model_len(), workers=len(workers))
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})

@@ -14,8 +14,11 @@ from gateway.api_models import (
     ChatStreamChoice,
     CompletionChoice,
     CompletionStreamResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
 )
+from gateway import tools
 from gateway.fleet import FleetClient, FleetError
 from gateway.follow import abort_unfinished, finish_metrics, follow, merged
 from gateway.prepare import Prepared
@@ -88,12 +91,8 @@ async def completion_events(rid: str, prep: Prepared, fleet: FleetClient, procs:
                                            usage=usage_of(procs)))
 
 
-async def chat_events(rid: str, prep: Prepared, fleet: FleetClient, proc: RequestOutputProcessor, mtracks: list,
-                      tt: TokenText, want_lp: bool, include_usage: bool) -> AsyncIterator[str]:
-    created = int(time.time())
-    first = [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-             for i in range(prep.params.n)]
-    yield sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=first))
+async def _content_events(rid: str, created: int, prep: Prepared, fleet: FleetClient, proc: RequestOutputProcessor,
+                          mtracks: list, tt: TokenText, want_lp: bool) -> AsyncIterator[str]:
     async for updates in follow(fleet, proc, mtracks[0]):
         choices = []
         for u in updates:
@@ -105,6 +104,41 @@ async def chat_events(rid: str, prep: Prepared, fleet: FleetClient, proc: Reques
                                             stop_reason=u.stop_reason))
         if choices:
             yield sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=choices))
+
+
+async def _tool_events(rid: str, created: int, prep: Prepared, fleet: FleetClient, proc: RequestOutputProcessor,
+                       mtracks: list) -> AsyncIterator[str]:
+    """With tools, a choice's text is held until it ends: then it goes out as tool-call deltas (id, name,
+    arguments), finish_reason tool_calls, or else as one content delta."""
+    texts: dict[int, str] = {}
+    async for updates in follow(fleet, proc, mtracks[0]):
+        for u in updates:
+            texts[u.index] = texts.get(u.index, "") + u.text
+            if not u.finish_reason:
+                continue
+            content, calls = tools.parse(texts[u.index], prep.tool_names)
+            if calls:
+                delta = DeltaMessage(tool_calls=[DeltaToolCall(index=k, id=c.id, type="function",
+                                                               function=DeltaFunctionCall(name=c.function.name,
+                                                                                          arguments=c.function.arguments))
+                                                 for k, c in enumerate(calls)], content=content)
+            else:
+                delta = DeltaMessage(content=content)
+            finish = "tool_calls" if calls and u.finish_reason == "stop" else u.finish_reason
+            yield sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=[
+                ChatStreamChoice(index=u.index, delta=delta, finish_reason=finish, stop_reason=u.stop_reason)]))
+
+
+async def chat_events(rid: str, prep: Prepared, fleet: FleetClient, proc: RequestOutputProcessor, mtracks: list,
+                      tt: TokenText, want_lp: bool, include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    first = [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+             for i in range(prep.params.n)]
+    yield sse(ChatCompletionChunk(id=rid, created=created, model=prep.model, choices=first))
+    events = (_tool_events(rid, created, prep, fleet, proc, mtracks) if prep.tool_names
+              else _content_events(rid, created, prep, fleet, proc, mtracks, tt, want_lp))
+    async for chunk in events:
+        yield chunk
     if proc.error:
         yield sse_error(proc.error)
     if include_usage:

@@ -11,6 +11,7 @@ row in ``BlockTables``, the host int32 array that mirrors every block table: the
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,16 +42,18 @@ class SeqState:
     # prompt logprobs wanted
     plain_greedy: bool = False
     want_plp: bool = False
+    grammar: Any = None  # its structured-output matcher (gpu_worker/structured_output.py SeqGrammar), if any
 
     def __post_init__(self) -> None:
         p = self.sampling
         self.plain_greedy = (p.temperature == 0.0 and not p.use_beam_search and p.logprobs is None
-                             and p.min_tokens == 0 and not p.has_penalties)
+                             and p.min_tokens == 0 and not p.has_penalties and not p.has_logits_processors)
         self.want_plp = p.prompt_logprobs is not None
 
     def clone(self, seq_id: int, seq_index: int) -> "SeqState":
         return replace(self, seq_id=seq_id, seq_index=seq_index, token_ids=list(self.token_ids),
-                       block_table=list(self.block_table), row=-1, pen_slot=-1, pen_len=0)
+                       block_table=list(self.block_table), row=-1, pen_slot=-1, pen_len=0,
+                       grammar=self.grammar.copy() if self.grammar is not None else None)
 
 
 class BlockTables:

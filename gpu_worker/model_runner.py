@@ -31,6 +31,8 @@ from gpu_worker.input_batch import InputBatch, SeqState, StepInputs
 from gpu_worker.loader import init_random_weights, load_weights
 from gpu_worker.models.llama import LlamaArgs, LlamaForCausalLM
 from gpu_worker.sampler import Sampler, SampleRequest, prompt_logprobs
+from gpu_worker.structured_output import GrammarStep
+from model_io.grammar import GrammarCompiler
 from gpu_worker.step_outputs import StepOutputs, greedy_outputs, step_result, token_logprobs
 from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, TokenLogprob, WorkerInfo
 
@@ -80,6 +82,7 @@ class ModelRunner:
         self.sampler = Sampler(self.args.vocab_size, self.files.eos_token_ids)
         self.batch = InputBatch(worker_id, self.block_size, self.max_model_len, self.num_gpu_blocks,
                                 self.args.vocab_size, self.device)
+        self._grammars: GrammarCompiler | None = None  # built at the first structured-output request
         self.measure_transfers = False
         self.last_transfer_s: dict[str, float] = {}  # seconds per KV transfer op of the last step (if measured)
         self._copy_blocks_kernel = None
@@ -266,8 +269,21 @@ class ModelRunner:
         self.backend.prepare(meta)
         return self.model(input_ids, pos_t, self.kv_cache, meta, self.backend)
 
+    def _attach_grammars(self, plan: StepPlan) -> None:
+        """New constrained sequences start compiling their grammar now, in a thread, while the step runs."""
+        for ns in plan.new_sequences:
+            so = ns.sampling.structured_output
+            if so is not None:
+                if self._grammars is None:
+                    self._grammars = GrammarCompiler.for_model(self.files.path, self.args.vocab_size,
+                                                               self.files.eos_token_ids)
+                st = self.batch.seqs[ns.seq_id]
+                st.grammar = self._grammars.new_sequence(so, st.token_ids[st.prompt_len:])
+
     def _run(self, plan: StepPlan) -> list[SequenceOutput]:
         entries = plan.scheduled
+        if plan.new_sequences:
+            self._attach_grammars(plan)
         x = self.batch.prepare(entries)
         hidden = self._forward(x)
         states = x.states
@@ -344,10 +360,14 @@ class ModelRunner:
         reqs: list[SampleRequest] = []
         row_of: list[int] = []
         owners: list[tuple[int, SeqState]] = []  # (entry index, state that receives the token)
+        g_rows, g_seqs = [], []  # rows with a structured output
         for r, i in enumerate(sample_entries):
             s, e = states[i], entries[i]
             opos = len(s.token_ids) - s.prompt_len
             for st in (s, *self._fork_children(s, e)):
+                if st.grammar is not None:
+                    g_rows.append(len(reqs))
+                    g_seqs.append(st.grammar)
                 reqs.append(SampleRequest(st.sampling, st.seed, st.seq_index, opos, (), st.prompt_len,
                                           param_row=st.row))
                 row_of.append(r)
@@ -359,7 +379,12 @@ class ModelRunner:
                 reqs[j].history_slot = owners[j][1].pen_slot
         if len(row_of) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_of, device=logits.device))
-        res = self.sampler.sample(logits, reqs, self.batch)
+        if g_rows:
+            grammar = GrammarStep(g_rows, g_seqs, self.files.eos_token_ids)
+            res = self.sampler.sample(logits, reqs, self.batch, grammar=grammar)
+            grammar.advance(res.token_ids)
+        else:
+            res = self.sampler.sample(logits, reqs, self.batch)
         for j, (i, s) in enumerate(owners):
             tok = res.token_ids[j]
             if not s.sampling.use_beam_search:

@@ -7,6 +7,8 @@ Per row, in order (vLLM's semantics, HF's warpers):
 2. penalties: repetition (HF: over prompt + output tokens, ``l < 0 ? l * p : l / p``), then frequency
    and presence (OpenAI: over output tokens, ``l -= f * count + p * (count > 0)``);
 3. ``min_tokens``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` masked while fewer outputs exist;
+   ``logit_bias`` added; a structured output's token bitmask (gpu_worker/structured_output.py) applied to
+   the whole batch in one op;
 4. greedy rows (temperature 0, beam search): one argmax over all of them;
 5. the other rows: temperature, top-k, top-p, min-p (HF's order and definitions), softmax, then an
    inverse-CDF draw with ``u`` from a stable hash of (seed, seq_index, output position): the token a
@@ -63,10 +65,11 @@ class Sampler:
         return self.sample(logits, reqs)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], state=None) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], state=None, grammar=None) -> SamplerOutput:
         """``state``: the worker's persistent per-sequence state (an InputBatch): requests with a
         ``history_slot`` read their token history from its ``histories`` (the runner syncs them first), and
-        those with a ``param_row`` their parameter tensors from its ``sampling_slots``."""
+        those with a ``param_row`` their parameter tensors from its ``sampling_slots``. ``grammar``: the
+        step's constrained rows (a structured_output.GrammarStep), masked here and advanced by the caller."""
         R, V = logits.shape
         assert R == len(reqs)
         dev = logits.device
@@ -81,7 +84,12 @@ class Sampler:
             raw_lp = torch.log_softmax(logits if idx is None else logits.index_select(0, idx), dim=-1)
 
         # 2.-3. penalties and min_tokens (on a copy: the raw rows stay for the logprobs)
-        logits = self.process_logits(logits, reqs, state)
+        processed = self.process_logits(logits, reqs, state)
+        if grammar is not None:
+            if processed is logits:
+                processed = logits.clone()
+            grammar.mask(processed)
+        logits = processed
 
         tokens = torch.empty(R, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.use_beam_search]
@@ -131,9 +139,12 @@ class Sampler:
         params = [r.params for r in reqs]
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         min_rows = [i for i, (r, p) in enumerate(zip(reqs, params)) if r.output_pos < p.min_tokens]
-        if not (pen_rows or min_rows):
+        bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+        if not (pen_rows or min_rows or bias_rows):
             return logits
         logits = logits.clone()
+        if bias_rows:
+            _add_logit_bias(logits, [params[i].logit_bias for i in bias_rows], bias_rows)
         if pen_rows:
             self._apply_penalties(logits, [reqs[i] for i in pen_rows], pen_rows, state)
         if min_rows:
@@ -217,6 +228,22 @@ class Sampler:
 
 
 _CANDIDATES = 1024
+
+
+def _add_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]], rows: list[int]) -> None:
+    """OpenAI's logit_bias: each row's biases added to its logits (one index_put for all rows)."""
+    V = logits.shape[1]
+    rr, cc, vv = [], [], []
+    for i, b in zip(rows, biases):
+        for t, v in b.items():
+            if t < V:
+                rr.append(i)
+                cc.append(t)
+                vv.append(v)
+    if rr:
+        dev = logits.device
+        logits.index_put_((torch.tensor(rr, device=dev), torch.tensor(cc, device=dev)),
+                          torch.tensor(vv, dtype=logits.dtype, device=dev), accumulate=True)
 
 
 def _row_params(reqs: Sequence[SampleRequest], state, dev: torch.device) -> RowParams:

@@ -7,7 +7,7 @@ the worker half of the engine talk only through these, in-process (the offline e
 or over Redis Streams (the fleet sends their JSON). Never pickle.
 """
 
-from protocol.sampling import SamplingParams
+from protocol.sampling import SamplingParams, StructuredOutput
 from protocol.messages import (
     PROTOCOL_VERSION,
     FinishReason,
@@ -32,6 +32,7 @@ __all__ = [
     "NewSequence",
     "RequestOutputDelta",
     "SamplingParams",
+    "StructuredOutput",
     "ScheduledSequence",
     "SequenceOutput",
     "SequenceOutputDelta",

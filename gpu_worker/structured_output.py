@@ -1,0 +1,63 @@
+"""Structured outputs on the worker: grammars compiled off the step loop, token bitmasks applied batched.
+
+A request's ``SamplingParams.structured_output`` is compiled (model_io/grammar.py: llguidance, cached by
+spec, in a thread pool) when its sequence first appears in a step, while the forward pass runs. Per step,
+``GrammarStep.mask`` fills the bitmasks of every constrained row in one parallel call and applies them to
+the whole logits batch with one tensor op; after sampling, ``advance`` feeds each constrained sequence
+its token. A finished grammar allows only EOS, so the
+sequence stops; a matcher in error (never expected: the mask forbids what it would reject) does the same.
+Steps without a constrained row never reach this module.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from model_io.grammar import SeqGrammar
+
+
+class GrammarStep:
+    """The constrained rows of one sampling step: ``rows`` of the logits and their sequences' grammars."""
+
+    def __init__(self, rows: list[int], grammars: list[SeqGrammar], eos_token_ids: Sequence[int]):
+        self.rows = rows
+        self.matchers = [g.matcher() for g in grammars]
+        self.eos = list(eos_token_ids)
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Every constrained row's bitmask (one parallel fill), applied to the batch in place (one op)."""
+        import llguidance.torch as lt
+
+        R, V = logits.shape
+        bitmask = torch.full(lt.get_bitmask_shape(R, V), -1, dtype=torch.int32)  # unconstrained rows: all allowed
+        live = [(m, r) for m, r in zip(self.matchers, self.rows) if not m.is_error()]
+        if live:
+            lt.fill_next_token_bitmask_par(_executor(), live, bitmask)
+        words = bitmask.numpy().view(np.uint32)
+        for m, r in zip(self.matchers, self.rows):
+            if m.is_error():  # only EOS
+                words[r] = 0
+                for e in self.eos:
+                    words[r, e // 32] |= np.uint32(1 << (e % 32))
+        lt.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        """Feed each constrained row's sampled token (``tokens``: the step's tokens, by row)."""
+        for m, r in zip(self.matchers, self.rows):
+            if not m.is_error():
+                m.consume_token(tokens[r])
+
+
+_EXECUTOR = None
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        import llguidance
+
+        _EXECUTOR = llguidance.LLExecutor()
+    return _EXECUTOR
