@@ -48,7 +48,7 @@ class Offline:
         if a is not None:
             kw = dict(model=a.model, device=a.device, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
                       max_num_batched_tokens=a.max_num_batched_tokens, quantization=a.quantization,
-                      kv_cache_dtype=a.kv_cache_dtype, pipeline=not a.no_pipeline)
+                      kv_cache_dtype=a.kv_cache_dtype, pipeline=a.pipeline)
         else:
             kw = dict(num_gpu_blocks=NUM_GPU_BLOCKS)
         self.engine = LLMEngine(EngineConfig(max_model_len=MAX_MODEL_LEN, **kw))
@@ -154,7 +154,7 @@ def start_fleet(threads: int, workers: int, workdir: Path, a=None):
                                       "--served-model-name", name, "--model", model])
 
     return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=blocks or 0, max_model_len=MAX_MODEL_LEN,
-                      scheduler_args=sched_args + (["--no-pipeline"] if getattr(a, "no_pipeline", False) else []),
+                      scheduler_args=sched_args + (["--pipeline"] if getattr(a, "pipeline", False) else []),
                       env={"PAGEDFLEET_HEARTBEAT_INTERVAL_S": "0.5", "PAGEDFLEET_HEARTBEAT_TTL_S": "10",
                            # keep this process's extra import path (e.g. carried wheels) for the fleet's processes
                            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)})
@@ -211,8 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 decoder weights (both sides)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="both sides")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--no-pipeline", action="store_true",
-                    help="both sides plan, run and apply one step at a time (no pipelined scheduling)")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="both sides plan the next step while one runs (pipelined scheduling)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--sequential", action="store_true",
                     help="all fleet runs, then all offline runs (always so on CUDA)")

@@ -23,8 +23,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks of the worker's tensor-parallel group (this process + N-1 spawned; gloo on the CPU, "
                         "NCCL on CUDA)")
-    p.add_argument("--no-pipeline", action="store_true",
-                   help="plan, run and apply one step at a time (default: plan the next step while one runs)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="plan the next step while one runs (default: one step at a time)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -47,7 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
             num_gpu_blocks=args.num_gpu_blocks, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
             enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
-            pipeline=not args.no_pipeline,
+            pipeline=args.pipeline,
         )
     except ValueError as e:  # e.g. heads that the tensor-parallel size does not divide
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,10 @@ import torch
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("csrc") / "paged_decode_cpu.c"
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+# -ffast-math's reassociation (vectorised reductions) without -ffast-math itself: linking with it adds
+# crtfastmath.o, which turns on flush-to-zero for the whole process that loads the library
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math", "-freciprocal-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 

@@ -4,7 +4,7 @@
  * runner's head-major storage), so each (block, KV head) is one contiguous run of block_size * head_dim
  * values. Per (sequence, KV head): the scores of the GQA group's query heads over the sequence's own tokens
  * (no padding, no gathered copy), softmax in fp32, then the weighted sum of V. Built by
- * gpu_worker/attention/cpu_decode.py with gcc -O3 -march=native -ffast-math -fopenmp (the loops over
+ * gpu_worker/attention/cpu_decode.py with gcc -O3 -march=native, fast-math reassociation (not -ffast-math: it sets flush-to-zero process-wide), -fopenmp (the loops over
  * head_dim and the exponentials vectorise) and called through ctypes. The (sequence, KV head) pairs are
  * shared out with OpenMP: loaded into a process that has torch, the library binds to torch's own
  * libgomp.so.1 (same soname), so it uses torch's thread pool and thread count rather than a second one.
