@@ -106,7 +106,10 @@ def test_flags_reach_the_services(serve):
     config = httpx.get(sched + "/stats").json()["config"]
     assert config["max_num_seqs"] == 8 and config["enable_prefix_caching"] is False
     assert config["max_num_batched_tokens"] == 512
-    (w,) = httpx.get(sched + "/v1/workers").json()["workers"]
+    deadline = time.monotonic() + 30  # the scheduler's registry picks the worker up on its next check
+    while not (workers := httpx.get(sched + "/v1/workers").json()["workers"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (w,) = workers
     assert w["info"]["num_gpu_blocks"] == 256 and w["info"]["block_size"] == 16 and w["draining"] is False
     assert w["metrics_address"].startswith("127.0.0.1:")  # internal ports stay on loopback
     for name in ("Procfile", "supervisord.conf"):  # the key reached the gateway through its environment
