@@ -150,8 +150,10 @@ def start_fleet(threads: int, workers: int, workdir: Path, a=None):
             if model is None:
                 return super().start_gateway(name_, port)
             port = port or self.gateway_port
+            tok_dir = getattr(a, "tokenizer_dir", None)  # a tokenizer for random weights (text to stream)
             return self.start(name_, [sys.executable, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(port),
-                                      "--served-model-name", name, "--model", model])
+                                      "--served-model-name", name, "--model", model]
+                              + (["--model-dir", str(Path(tok_dir).resolve())] if tok_dir else []))
 
     return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=blocks or 0, max_model_len=MAX_MODEL_LEN,
                       scheduler_args=sched_args + (["--pipeline"] if getattr(a, "pipeline", False) else []),

@@ -19,10 +19,15 @@ import json
 import random
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from protocol import SamplingParams
-from pagedfleet.engine import EngineConfig, LLMEngine
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # limit.py, grammar_bench.py beside this file
+from limit import StepRecorder, ceilings, fraction, limit, model_costs  # noqa: E402
+from protocol import SamplingParams  # noqa: E402
+from pagedfleet.engine import EngineConfig, LLMEngine  # noqa: E402
 
 
 def _engine(model, device, dtype, backend, **kw) -> LLMEngine:
@@ -79,19 +84,44 @@ def _time_calls(obj, name: str, acc: dict) -> None:
     setattr(obj, name, timed)
 
 
+def _with_schema(eng, reqs, tokenizer_json: str):
+    """Every request of the workload constrained by the 30-field JSON schema (benchmarks/grammar_bench.py),
+    greedy, stopping at the schema's end (EOS) or max_tokens. The grammar engine gets the tokenizer the
+    model's vocabulary was sized for (random weights come with none)."""
+    from grammar_bench import schema_30_fields
+    from model_io.grammar import GrammarCompiler
+    from protocol.sampling import StructuredOutput
+
+    runner = eng.runner
+    runner._grammars = GrammarCompiler(Path(tokenizer_json).read_text(), runner.args.vocab_size,
+                                       runner.files.eos_token_ids)
+    so = StructuredOutput.of_json_schema(schema_30_fields())
+    return [(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.sampling.max_tokens, structured_output=so))
+            for r in reqs]
+
+
 def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int,
-               cuda_graphs: bool = True, quantization: str | None = None) -> dict:
+               cuda_graphs: bool = True, quantization: str | None = None, pipeline: bool = False,
+               schema_tokenizer: str | None = None, num_requests: int | None = None, ceil: dict | None = None,
+               max_model_len: int = 2048) -> dict:
     from pagedfleet.bench.workloads import mixed
 
     t_init = time.perf_counter()
-    eng = _engine(model, device, dtype, "triton", kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                  max_model_len=2048,
+    backend = "triton" if device.startswith("cuda") else "torch"
+    eng = _engine(model, device, dtype, backend, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                  max_model_len=max_model_len, pipeline=pipeline,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9,
                   extra_worker={"enable_cuda_graphs": cuda_graphs})
     init_s = time.perf_counter() - t_init
     graphs = eng.runner.cuda_graphs
-    reqs = mixed().requests
-    eng.add_request(reqs[0].prompt_token_ids, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    reqs = mixed().requests[:num_requests]
+    vocab = eng.runner.args.vocab_size
+    work = [([t % vocab for t in r.prompt_token_ids], r.sampling) for r in reqs]
+    if schema_tokenizer:
+        work = _with_schema(eng, reqs, schema_tokenizer)
+    eng.add_request(work[0][0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    if schema_tokenizer:  # and the grammar engine's first masks
+        eng.add_request(work[1][0], SamplingParams(temperature=0, max_tokens=4, structured_output=work[1][1].structured_output))
     eng.run_to_completion()  # warm-up: Triton compiles
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -110,9 +140,10 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
         return _run(plan)
 
     eng.runner._run = count_run
+    rec = StepRecorder(eng.runner)
     t0 = time.perf_counter()
-    for r in reqs:
-        eng.add_request(list(r.prompt_token_ids), r.sampling)
+    for ids, sp in work:
+        eng.add_request(list(ids), sp)
     steps = 0
     done = []
     first = {}
@@ -126,7 +157,9 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     dt = time.perf_counter() - t0
     out_tokens = sum(len(c.token_ids) for o in done for c in o.outputs)
     stats = eng.scheduler.stats()
-    res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype,
+    rec.close()
+    res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype, "pipeline": pipeline,
+           "schema": bool(schema_tokenizer), "finish_reasons": _finish_counts(done),
            "kv_cache_dtype": kv_cache_dtype, "quantization": quantization, "requests": len(done),
            "output_tokens": out_tokens,
            "seconds": round(dt, 2), "output_tok_s": round(out_tokens / dt, 1),
@@ -143,10 +176,31 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
            "ms_per_step_execute": round(1000 * acc["execute"] / steps, 3),
            "ms_per_step_update": round(1000 * acc["update"] / steps, 3),
            "ms_per_step_rest": round(1000 * (dt - acc["schedule"] - acc["execute"] - acc["update"]) / steps, 3)}
+    if ceil:
+        lim = limit(rec.steps, model_costs(eng.runner), ceil, out_tokens)
+        res.update(lim, fraction_of_limit=fraction(res["output_tok_s"], lim))
     for obj, name in ((eng.scheduler, "schedule"), (eng.scheduler, "update"), (eng.runner, "execute"),
                       (eng.runner, "_run")):
         delattr(obj, name)  # drop the wrappers (they make reference cycles)
     return res  # the caller frees the engine (_free)
+
+
+def _finish_counts(done) -> dict:
+    out: dict = {}
+    for o in done:
+        for c in o.outputs:
+            k = str(getattr(c.finish_reason, "value", c.finish_reason))
+            out[k] = out.get(k, 0) + 1
+    return out
+
+
+RUNS = {  # --runs names: (kv cache dtype, weight quantization, pipelined, model, JSON schema on every request)
+    "bf16": ("auto", None, False, "model", False), "fp8kv": ("fp8", None, False, "model", False),
+    "fp8": ("fp8", "fp8", False, "model", False), "bf16-pipeline": ("auto", None, True, "model", False),
+    "fp8-pipeline": ("fp8", "fp8", True, "model", False),
+    # the schema's cost: the same model (--schema-model) with and without a schema on every request
+    "schema": ("auto", None, False, "schema_model", True), "no-schema": ("auto", None, False, "schema_model", False),
+}
 
 
 def main() -> None:
@@ -165,6 +219,15 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode steps run eagerly")
     ap.add_argument("--compare-graphs", action="store_true",
                     help="also run the bf16 throughput part with CUDA graphs off")
+    ap.add_argument("--runs", default=None,
+                    help=f"comma-separated throughput runs instead of the flags above, of {sorted(RUNS)} "
+                         "(schema: --schema-model with a JSON schema on every request, --schema-tokenizer)")
+    ap.add_argument("--schema-model", default="random:llama-3-8b-49k")
+    ap.add_argument("--schema-tokenizer", default=".dev/smoltok/tokenizer.json",
+                    help="tokenizer.json the grammar engine uses (SmolLM2's: its vocabulary is the model's)")
+    ap.add_argument("--num-requests", type=int, default=None, help="only the first N requests of 'mixed'")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--no-limit", action="store_true", help="skip measuring the ceilings (CPU runs)")
     a = ap.parse_args()
     info = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -172,14 +235,27 @@ def main() -> None:
     if not a.skip_correctness:
         print(json.dumps(correctness(a.model, a.device, a.check_dtype, a.num_blocks)), flush=True)
         _free()
+    ceil = None
+    if not a.no_limit and a.device.startswith("cuda"):
+        ceil = ceilings(a.device)
+        print(json.dumps({"part": "ceilings", **ceil}), flush=True)
+    if a.runs:
+        for name in a.runs.split(","):
+            kv, quant, pipe, model_opt, schema = RUNS[name]
+            model = getattr(a, model_opt)
+            r = throughput(model, a.device, a.dtype, kv, a.max_num_seqs, not a.no_cuda_graphs, quant, pipe,
+                           a.schema_tokenizer if schema else None, a.num_requests, ceil, a.max_model_len)
+            print(json.dumps({"run": name, **r}), flush=True)
+            _free()
+        return
     if not a.skip_throughput:
         graphs = not a.no_cuda_graphs
         runs = [("auto", graphs)] + ([("fp8", graphs)] if a.fp8 else [])
         if a.compare_graphs and graphs:
             runs += [("auto", False)] + ([("fp8", False)] if a.fp8 else [])
         for kv, g in runs:
-            print(json.dumps(throughput(a.model, a.device, a.dtype, kv, a.max_num_seqs, g, a.quantization)),
-                  flush=True)
+            print(json.dumps(throughput(a.model, a.device, a.dtype, kv, a.max_num_seqs, g, a.quantization,
+                                        ceil=ceil, num_requests=a.num_requests)), flush=True)
             _free()
 
 

@@ -36,6 +36,7 @@ from protocol import StepPlan, StepResult
 from protocol import streams as S
 from gpu_worker.drain import Drain
 from gpu_worker.settings import WorkerSettings
+from gpu_worker.tp_group import GroupLost
 from protocol.redis_conn import Outage, retry_forever_sync, sync_client
 
 log = logging.getLogger("pagedfleet.worker")
@@ -274,6 +275,10 @@ class WorkerService:
             self._last_step = step_id
             result = self.runner.execute(plan)
             result.worker_id = self.worker_id
+        except GroupLost as e:  # not this step's fault: the scheduler resumes its requests on another worker
+            log.error("step %s: %s: unregistering and exiting", step_id, e)
+            self.unregister()
+            os._exit(1)
         except Exception as e:
             log.exception("step %s failed", step_id)
             result = StepResult(worker_id=self.worker_id, step_id=step_id, error=f"{type(e).__name__}: {e}")

@@ -39,6 +39,12 @@ from protocol import StepPlan, StepResult, wire
 log = logging.getLogger(__name__)
 
 STUCK_GRACE_S = 5.0  # after a rank died: how long rank 0 may stay inside a collective before it exits
+DEATH_NOTICE_S = 2.0  # after a collective failed: how long to wait for the rank that caused it to exit
+
+
+class GroupLost(RuntimeError):
+    """A rank of the group died during a step: no request of that step failed, the whole worker is gone
+    (its caller hands every request back, as for a dead worker, instead of reporting the step failed)."""
 
 
 def start_runner(config: WorkerConfig, worker_id: str = "worker-0",
@@ -129,7 +135,7 @@ class TensorParallelGroup:
     def _command(self, data: bytes) -> None:
         self._check_ranks()
         if self.dead:
-            raise RuntimeError(f"tensor-parallel group is down: {self.dead}")
+            raise GroupLost(f"tensor-parallel group is down: {self.dead}")
         distributed.broadcast_bytes(data)
 
     def _check_ranks(self) -> None:
@@ -137,15 +143,22 @@ class TensorParallelGroup:
             if not self.dead and not p.is_alive():
                 self.dead = f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
 
+    def _await_rank_exit(self, timeout: float) -> None:
+        live = [p.sentinel for p in self.procs if p.is_alive()]
+        if live and not self.dead:
+            multiprocessing.connection.wait(live, timeout)
+        self._check_ranks()
+
     def execute(self, plan: StepPlan) -> StepResult:
         self.busy_since = time.monotonic()
         try:
             self._command(b"P" + wire.encode(plan))
             return self.runner.execute(plan)
         except RuntimeError as e:
-            self._check_ranks()
+            # a peer's death shows up here first as a broken connection; its exit may lag a little behind
+            self._await_rank_exit(DEATH_NOTICE_S)
             if self.dead:
-                raise RuntimeError(f"tensor-parallel group is down: {self.dead}") from e
+                raise GroupLost(f"tensor-parallel group is down: {self.dead}") from e
             raise
         finally:
             self.busy_since = None

