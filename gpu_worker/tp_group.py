@@ -63,7 +63,7 @@ def _rank_device(config: WorkerConfig, rank: int) -> tuple[str, str]:
     base = int(config.device.split(":")[1]) if ":" in config.device else 0
     if torch.cuda.device_count() >= base + config.tensor_parallel_size:
         return f"cuda:{base + rank}", "nccl"
-    return config.device, "gloo"
+    return f"cuda:{base}", "gloo"  # an indexed device: each rank binds it (torch.cuda.set_device)
 
 
 def _rank_config(config: WorkerConfig, rank: int) -> WorkerConfig:
