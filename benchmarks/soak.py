@@ -1,5 +1,5 @@
 """Soak: N concurrent streaming clients for T minutes against a fleet; prints sent / completed / failed / lost
-and each service's RSS (start after warm-up, peak, end). Not a test: the lead runs the long form.
+and each service's RSS (idle, after a minute of load, the quarters of the run, peak, end). Not a test: the lead runs the long form.
 
     python benchmarks/soak.py                         # starts a CPU fleet (2 workers), 500 streams, 10 min
     python benchmarks/soak.py --streams 100 --minutes 1
@@ -99,33 +99,34 @@ def rss_mb(procs: list[psutil.Process]) -> float:
 
 
 async def sample_rss(procs: dict[str, list[psutil.Process]], every_s: float, stop: asyncio.Event,
-                     series: dict[str, list[float]]) -> None:
+                     series: dict[str, list[tuple[float, float]]], t0: float) -> None:
+    """(seconds since the load started, RSS MB) per service, every ``every_s``."""
     while not stop.is_set():
         for name, ps in procs.items():
-            series[name].append(rss_mb(ps))
+            series[name].append((time.monotonic() - t0, rss_mb(ps)))
         try:
             await asyncio.wait_for(stop.wait(), every_s)
         except asyncio.TimeoutError:
             pass
     for name, ps in procs.items():
-        series[name].append(rss_mb(ps))
+        series[name].append((time.monotonic() - t0, rss_mb(ps)))
 
 
 async def soak(url: str, model: str, streams: int, minutes: float, max_tokens: int, grace_s: float,
-               sample_s: float, pids: dict[str, int] | None) -> Counts:
+               sample_s: float, pids: dict[str, int] | None, warm_s: float = 60.0) -> Counts:
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams),
                              timeout=httpx.Timeout(120.0, connect=10.0))
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, http_client=http)
     c = Counts()
     procs = service_processes(pids)
-    series: dict[str, list[float]] = collections.defaultdict(list)
+    series: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     stop = asyncio.Event()
     # warm-up: one request per prompt fixes the reference outputs; RSS "start" is taken after it
     for p in PROMPTS:
         r = await client.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0)
         c.want[p] = r.choices[0].text
-    sampler = asyncio.create_task(sample_rss(procs, sample_s, stop, series))
     t0 = time.monotonic()
+    sampler = asyncio.create_task(sample_rss(procs, sample_s, stop, series, t0))
     deadline = t0 + minutes * 60
     tasks = [asyncio.create_task(client_loop(client, model, i, c, deadline, max_tokens)) for i in range(streams)]
     reporter = asyncio.create_task(report_progress(c, t0))
@@ -137,7 +138,7 @@ async def soak(url: str, model: str, streams: int, minutes: float, max_tokens: i
     stop.set()
     await sampler
     await http.aclose()
-    print_report(c, series, time.monotonic() - t0, streams)
+    print_report(c, series, time.monotonic() - t0, streams, min(warm_s, minutes * 60 / 4))
     return c
 
 
@@ -148,15 +149,27 @@ async def report_progress(c: Counts, t0: float) -> None:
               f"lost {c.lost} open {c.open}", flush=True)
 
 
-def print_report(c: Counts, series: dict[str, list[float]], elapsed: float, streams: int) -> None:
+def print_report(c: Counts, series: dict[str, list[tuple[float, float]]], elapsed: float, streams: int,
+                 warm_s: float) -> None:
+    """RSS 'start' is the first sample after ``warm_s`` of full load (the batch, the allocators' pools and
+    the output streams have grown to their working size); then the quarters of the run, peak and end."""
     print(f"soak: {streams} streams, {elapsed:.0f} s: sent {c.sent}, completed {c.completed}, failed {c.failed}, "
           f"lost {c.lost} ({c.completed / elapsed:.1f} completions/s)")
     for err, n in c.errors.most_common(5):
         print(f"  {n} x {err}")
-    print(f"{'service':<14}{'RSS MB start':>14}{'peak':>10}{'end':>10}")
+    print(f"RSS MB: 'idle' after the one-request warm-up, 'start' after {warm_s:.0f} s of load")
+    print(f"{'service':<14}{'idle':>8}{'start':>8}{'25%':>8}{'50%':>8}{'75%':>8}{'peak':>8}{'end':>8}")
     for name, vals in sorted(series.items()):
-        if vals:
-            print(f"{name:<14}{vals[0]:>14.0f}{max(vals):>10.0f}{vals[-1]:>10.0f}")
+        if not vals:
+            continue
+        end_t = vals[-1][0]
+
+        def at(t: float) -> float:
+            return next((v for ts, v in vals if ts >= t), vals[-1][1])
+
+        row = [vals[0][1], at(warm_s)] + [at(warm_s + q * (end_t - warm_s)) for q in (0.25, 0.5, 0.75)]
+        row += [max(v for _, v in vals), vals[-1][1]]
+        print(f"{name:<14}" + "".join(f"{v:>8.0f}" for v in row))
 
 
 def start_fleet(workers: int, num_gpu_blocks: int):

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.setup_logging()
     # uvicorn's logging config off (protocol/logs.py set it up) and its access log off (gateway/access_log.py)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=3)
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=3,
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

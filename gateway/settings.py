@@ -21,6 +21,8 @@ class GatewaySettings(ServiceSettings):
     served_model_name: str | None = Field(None, description="name clients pass as `model` (default: the model's name)")
     host: str = Field("0.0.0.0", description="the public API's address")
     port: int = Field(8000, description="the public API's port")
+    keep_alive_s: float = Field(30.0, gt=0, description="an idle keep-alive connection is closed after this long "
+                                "(uvicorn's 5 s default lets a busy client reuse a connection as it closes)")
     job_ttl_s: int = Field(S.JOB_TTL_S, description="finished jobs and their results are kept this long")
     output_ttl_s: int = Field(S.OUTPUT_TTL_S, description="a finished request's output stream is kept this long")
     request_timeout_s: float = Field(600.0, description="a request with no output for this long fails")

@@ -31,7 +31,7 @@ from gpu_worker.input_batch import InputBatch, SeqState, StepInputs
 from gpu_worker.loader import init_random_weights, load_weights
 from gpu_worker.models.llama import LlamaArgs, LlamaForCausalLM
 from gpu_worker.sampler import Sampler, SampleRequest, prompt_logprobs
-from gpu_worker.structured_output import GrammarStep
+from gpu_worker.structured_output import GrammarMasks, GrammarStep
 from model_io.grammar import GrammarCompiler
 from gpu_worker.step_outputs import StepOutputs, greedy_outputs, step_result, token_logprobs
 from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, TokenLogprob, WorkerInfo
@@ -285,6 +285,7 @@ class ModelRunner:
         if plan.new_sequences:
             self._attach_grammars(plan)
         x = self.batch.prepare(entries)
+        masks = self._grammar_masks(x.states, entries) if not x.plain else None
         hidden = self._forward(x)
         states = x.states
         if x.decode_only:
@@ -311,7 +312,7 @@ class ModelRunner:
         if plp_entries:
             self._prompt_logprobs(logits, plp, plp_entries, x, out)
         if sample_entries:
-            self._sample(logits[: len(sample_entries)], sample_entries, entries, states, out)
+            self._sample(logits[: len(sample_entries)], sample_entries, entries, states, out, masks)
         for e in entries:  # children of an entry that samples nothing are only cloned
             if e.fork_children and not e.sample:
                 for fc in e.fork_children:
@@ -356,11 +357,18 @@ class ModelRunner:
             s.pending_prompt_lp = got[end - c - 1] if len(got) > end - c - 1 else None
             out.prompt_logprobs(i, s, [first] + got[: end - c - 1])
 
-    def _sample(self, logits, sample_entries, entries, states, out: StepOutputs) -> None:
+    def _grammar_masks(self, states: list[SeqState], entries) -> GrammarMasks | None:
+        """The constrained sampling sequences' bitmasks, started now (filled while the forward pass runs)."""
+        gs = {s.seq_id: s.grammar for s, e in zip(states, entries) if e.sample and s.grammar is not None}
+        return GrammarMasks(gs, self.args.vocab_size) if gs else None
+
+    def _sample(self, logits, sample_entries, entries, states, out: StepOutputs, masks=None) -> None:
+        if masks is not None:  # filled: the matchers are ours again (forks copy them below)
+            masks.future.result()
         reqs: list[SampleRequest] = []
         row_of: list[int] = []
         owners: list[tuple[int, SeqState]] = []  # (entry index, state that receives the token)
-        g_rows, g_seqs = [], []  # rows with a structured output
+        g_rows, g_seqs, g_src = [], [], []  # rows with a structured output, their sequence in ``masks``
         for r, i in enumerate(sample_entries):
             s, e = states[i], entries[i]
             opos = len(s.token_ids) - s.prompt_len
@@ -368,6 +376,7 @@ class ModelRunner:
                 if st.grammar is not None:
                     g_rows.append(len(reqs))
                     g_seqs.append(st.grammar)
+                    g_src.append(masks.index.get(s.seq_id, -1) if masks is not None else -1)
                 reqs.append(SampleRequest(st.sampling, st.seed, st.seq_index, opos, (), st.prompt_len,
                                           param_row=st.row))
                 row_of.append(r)
@@ -380,7 +389,8 @@ class ModelRunner:
         if len(row_of) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_of, device=logits.device))
         if g_rows:
-            grammar = GrammarStep(g_rows, g_seqs, self.files.eos_token_ids)
+            ahead = masks if masks is not None and -1 not in g_src else None
+            grammar = GrammarStep(g_rows, g_seqs, self.files.eos_token_ids, ahead, g_src)
             res = self.sampler.sample(logits, reqs, self.batch, grammar=grammar)
             grammar.advance(res.token_ids)
         else:

@@ -2,8 +2,8 @@
 
 A request's ``SamplingParams.structured_output`` is compiled (model_io/grammar.py: llguidance, cached by
 spec, in a thread pool) when its sequence first appears in a step, while the forward pass runs. Per step,
-``GrammarStep.mask`` fills the bitmasks of every constrained row in one parallel call and applies them to
-the whole logits batch with one tensor op; after sampling, ``advance`` feeds each constrained sequence
+``GrammarMasks`` fills the bitmasks of every constrained sequence in one parallel call, in a thread,
+while the forward pass runs; ``GrammarStep.mask`` applies them to the whole logits batch with one tensor op; after sampling, ``advance`` feeds each constrained sequence
 its token. A finished grammar allows only EOS, so the
 sequence stops; a matcher in error (never expected: the mask forbids what it would reject) does the same.
 Steps without a constrained row never reach this module.
@@ -19,23 +19,52 @@ import torch
 from model_io.grammar import SeqGrammar
 
 
-class GrammarStep:
-    """The constrained rows of one sampling step: ``rows`` of the logits and their sequences' grammars."""
+class GrammarMasks:
+    """The token bitmasks of a step's constrained sequences (by seq id), filled in a thread while the
+    forward pass runs: they depend only on the tokens each sequence has so far, and filling them for a
+    batch of 256 takes milliseconds that would otherwise follow the forward pass."""
 
-    def __init__(self, rows: list[int], grammars: list[SeqGrammar], eos_token_ids: Sequence[int]):
+    def __init__(self, grammars: dict[int, SeqGrammar], vocab_size: int):
+        self.index = {sid: i for i, sid in enumerate(grammars)}
+        self.future = _fill_pool().submit(self._fill, list(grammars.values()), vocab_size)
+
+    @staticmethod
+    def _fill(grammars: list[SeqGrammar], vocab_size: int) -> torch.Tensor:
+        import llguidance.torch as lt
+
+        matchers = [g.matcher() for g in grammars]  # may wait for a compile: here, not on the step loop
+        bitmask = torch.full(lt.get_bitmask_shape(len(matchers), vocab_size), -1, dtype=torch.int32)
+        live = [(m, i) for i, m in enumerate(matchers) if not m.is_error()]
+        if live:
+            lt.fill_next_token_bitmask_par(_executor(), live, bitmask)
+        return bitmask
+
+
+class GrammarStep:
+    """The constrained rows of one sampling step: ``rows`` of the logits and their sequences' grammars;
+    ``src``: each row's sequence in ``masks`` (a fork child shares its parent's, filled before the fork)."""
+
+    def __init__(self, rows: list[int], grammars: list[SeqGrammar], eos_token_ids: Sequence[int],
+                 masks: GrammarMasks | None = None, src: list[int] | None = None):
         self.rows = rows
         self.matchers = [g.matcher() for g in grammars]
         self.eos = list(eos_token_ids)
+        self.masks, self.src = masks, src
 
     def mask(self, logits: torch.Tensor) -> None:
-        """Every constrained row's bitmask (one parallel fill), applied to the batch in place (one op)."""
+        """Every constrained row's bitmask (filled ahead, or now in one parallel call), applied to the batch
+        in place (one op)."""
         import llguidance.torch as lt
 
         R, V = logits.shape
         bitmask = torch.full(lt.get_bitmask_shape(R, V), -1, dtype=torch.int32)  # unconstrained rows: all allowed
-        live = [(m, r) for m, r in zip(self.matchers, self.rows) if not m.is_error()]
-        if live:
-            lt.fill_next_token_bitmask_par(_executor(), live, bitmask)
+        if self.masks is not None:
+            ahead = self.masks.future.result()
+            bitmask[torch.tensor(self.rows)] = ahead[torch.tensor(self.src)]
+        else:
+            live = [(m, r) for m, r in zip(self.matchers, self.rows) if not m.is_error()]
+            if live:
+                lt.fill_next_token_bitmask_par(_executor(), live, bitmask)
         words = bitmask.numpy().view(np.uint32)
         for m, r in zip(self.matchers, self.rows):
             if m.is_error():  # only EOS
@@ -49,6 +78,18 @@ class GrammarStep:
         for m, r in zip(self.matchers, self.rows):
             if not m.is_error():
                 m.consume_token(tokens[r])
+
+
+_FILL_POOL = None
+
+
+def _fill_pool():
+    global _FILL_POOL
+    if _FILL_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _FILL_POOL = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+    return _FILL_POOL
 
 
 _EXECUTOR = None

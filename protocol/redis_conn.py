@@ -53,7 +53,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import AuthenticationError, BusyLoadingError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
 T = TypeVar("T")
@@ -141,6 +141,8 @@ async def retry_forever(op: Callable[[], Awaitable[T]], *, what: str, log: loggi
     while stop_event is None or not stop_event.is_set():
         try:
             result = await op()
+        except AuthenticationError:  # a wrong password is no outage: waiting will not fix it
+            raise
         except OUTAGE_ERRORS as e:
             delay = outage.failed(e)
             if stop_event is None:
@@ -165,9 +167,29 @@ def retry_forever_sync(op: Callable[[], T], *, what: str, log: logging.Logger,
     while not stop.is_set():
         try:
             result = op()
+        except AuthenticationError:  # a wrong password is no outage: waiting will not fix it
+            raise
         except OUTAGE_ERRORS as e:
             stop.wait(outage.failed(e))
             continue
         outage.succeeded()
         return result
     return None
+
+
+async def read_group(r: aioredis.Redis, stream: str, group: str, consumer: str, *, last_id: str = ">",
+                     count: int, block: int | None, create_id: str = "$") -> list:
+    """``XREADGROUP`` of one stream: its ``[(entry_id, fields)]``. A group Redis no longer has (restarted
+    without its data) is created again, from ``create_id``, and this read returns nothing."""
+    try:
+        resp = await r.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
+    except redis.ResponseError as e:
+        if "NOGROUP" not in str(e):
+            raise
+        try:
+            await r.xgroup_create(stream, group, id=create_id, mkstream=True)
+        except redis.ResponseError as e2:  # another reader created it meanwhile
+            if "BUSYGROUP" not in str(e2):
+                raise
+        return []
+    return resp[0][1] if resp else []

@@ -8,10 +8,10 @@ import asyncio
 import contextlib
 import random
 
-from redis.exceptions import ResponseError
 
 from protocol import FinishReason
 from protocol import streams as S
+from protocol.redis_conn import read_group
 from scheduler.server.placement import Placement
 from scheduler.server.publishing import Publisher
 from scheduler.server.state import ReqState, ServiceState
@@ -31,15 +31,8 @@ class Intake:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(s.have_worker.wait(), timeout=1.0)
                 continue
-            try:
-                resp = await s.r.xreadgroup(S.SCHEDULER_GROUP, "scheduler", {S.REQUESTS: "0" if backlog else ">"},
-                                            count=256, block=None if backlog else 1000)
-            except ResponseError as e:
-                if "NOGROUP" in str(e):
-                    await s.r.xgroup_create(S.REQUESTS, S.SCHEDULER_GROUP, id="0", mkstream=True)
-                    continue
-                raise
-            entries = resp[0][1] if resp else []
+            entries = await read_group(s.r, S.REQUESTS, S.SCHEDULER_GROUP, "scheduler", last_id="0" if backlog else ">",
+                                       count=256, block=None if backlog else 1000, create_id="0")
             if backlog and not entries:
                 backlog = False
                 continue

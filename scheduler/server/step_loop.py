@@ -15,12 +15,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import ResponseError
 
 from protocol import StepPlan, StepResult
 from protocol import streams as S
 from protocol.job_store import set_job_status
-from protocol.redis_conn import retry_forever
+from protocol.redis_conn import read_group, retry_forever
 from protocol.jobs import JobStatus
 from scheduler.sequence import SequenceStatus
 from scheduler.server.publishing import Publisher
@@ -138,14 +137,7 @@ class StepLoop:
         s = self.state
         last_reclaim = time.monotonic()
         while not s.stopping.is_set():
-            try:
-                resp = await s.r.xreadgroup(S.SCHEDULER_GROUP, "scheduler", {S.RESULTS: ">"}, count=64, block=1000)
-            except ResponseError as e:
-                if "NOGROUP" in str(e):
-                    await s.r.xgroup_create(S.RESULTS, S.SCHEDULER_GROUP, id="$", mkstream=True)
-                    continue
-                raise
-            entries = resp[0][1] if resp else []
+            entries = await read_group(s.r, S.RESULTS, S.SCHEDULER_GROUP, "scheduler", count=64, block=1000)
             if time.monotonic() - last_reclaim > RESULT_IDLE_MS / 1000:
                 last_reclaim = time.monotonic()
                 entries = entries + await self._lost_results()
