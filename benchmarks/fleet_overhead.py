@@ -156,7 +156,7 @@ def start_fleet(threads: int, workers: int, workdir: Path, a=None):
                               + (["--model-dir", str(Path(tok_dir).resolve())] if tok_dir else []))
 
     return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=blocks or 0, max_model_len=MAX_MODEL_LEN,
-                      scheduler_args=sched_args + (["--pipeline"] if getattr(a, "pipeline", False) else []),
+                      scheduler_args=sched_args + (["--pipeline"] if getattr(a, "pipeline", False) else ["--no-pipeline"]),
                       env={"PAGEDFLEET_HEARTBEAT_INTERVAL_S": "0.5", "PAGEDFLEET_HEARTBEAT_TTL_S": "10",
                            # keep this process's extra import path (e.g. carried wheels) for the fleet's processes
                            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)})

@@ -34,8 +34,8 @@ class SchedulerSettings(ServiceSettings):
         "auto", description="out of KV blocks: swap to CPU blocks or recompute later (auto: swap when it fits)")
     max_model_len: int | None = Field(None, description="context limit (default: each worker's)")
     # pipelined scheduling (scheduler/lookahead.py): each worker's next plan is made while it runs the last
-    pipeline: bool = Field(False, description="plan step N+1 while step N runs (--pipeline; off by default: a group "
-                                                  "that outgrows the whole pool can finish one token apart)")
+    pipeline: bool = Field(True, description="plan step N+1 while step N runs (--no-pipeline: one step at a time; a "
+                                                 "group that outgrows the whole KV pool may stop one token apart)")
     pipeline_lookahead: int = Field(1, ge=1, description="plans made ahead per worker when pipelined")
     # the fleet
     monitor_interval: float = Field(0.25, description="seconds between liveness checks")
