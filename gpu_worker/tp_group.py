@@ -77,7 +77,7 @@ class TensorParallelGroup:
     """Rank 0 of a group, holding its own ModelRunner shard (``self.runner``); attributes it does not
     define (info, seqs, kv_cache, measure_transfers, ...) are the runner's."""
 
-    _OWN = ("config", "runner", "procs", "on_rank_exit", "dead", "stopping", "busy_since", "_watchdog")
+    _OWN = ("config", "runner", "procs", "on_rank_exit", "dead", "stopping", "busy_since", "_watchdog", "_reap")
 
     def __init__(self, config: WorkerConfig, worker_id: str,
                  on_rank_exit: Callable[[int, int | None], None] | None = None, timeout_s: float = 600.0):
@@ -87,7 +87,7 @@ class TensorParallelGroup:
         n = config.tensor_parallel_size
         LlamaArgs.from_config(resolve_model(config.model).config).check_tensor_parallel(n)  # before spawning
         self._set(config=config, on_rank_exit=on_rank_exit, dead=None, stopping=False, busy_since=None,
-                  runner=None)
+                  runner=None, _reap=threading.Lock())
         store = distributed.open_store(n, timeout_s)
         ctx = mp.get_context("spawn")
         cfg = json.dumps(dataclasses.asdict(config))  # the config goes over as JSON, nothing pickled of ours
@@ -140,11 +140,20 @@ class TensorParallelGroup:
 
     def _check_ranks(self) -> None:
         for rank, p in enumerate(self.procs, start=1):
-            if not self.dead and not p.is_alive():
-                self.dead = f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+            if not self.dead and not self._alive(p):
+                self._mark_dead(rank, p)
+
+    def _alive(self, p) -> bool:
+        with self._reap:  # one thread polls a child at a time: a second waitpid would lose its exit code
+            return p.is_alive()
+
+    def _mark_dead(self, rank: int, p) -> None:
+        with self._reap:
+            p.join(1.0)
+            self.dead = self.dead or f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
 
     def _await_rank_exit(self, timeout: float) -> None:
-        live = [p.sentinel for p in self.procs if p.is_alive()]
+        live = [p.sentinel for p in self.procs if self._alive(p)]
         if live and not self.dead:
             multiprocessing.connection.wait(live, timeout)
         self._check_ranks()
@@ -192,8 +201,7 @@ class TensorParallelGroup:
         if self.stopping:
             return
         rank, p = sentinels[ready[0]]
-        p.join(1.0)
-        self.dead = self.dead or f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        self._mark_dead(rank, p)
         log.error("tensor-parallel %s: the group goes down", self.dead)
         if self.on_rank_exit is not None:
             self.on_rank_exit(rank, p.exitcode)
