@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the process launcher the fleet tests use
+sys.path.insert(0, str(REPO / "benchmarks"))  # limit.py
 
 NUM_GPU_BLOCKS = 1024  # CPU default
 MAX_MODEL_LEN = 2048
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
     reqs = [([t % vocab for t in r.prompt_token_ids], r.sampling.max_tokens) for r in wl_reqs]
     name = served_name(args.model)
     runs = []
+    limits: dict = {}  # on CUDA: the ceilings and the roofline of the run (benchmarks/limit.py)
     device_name = "cpu"
     if args.device == "cuda" or args.sequential:
         # one GPU: the fleet's worker and the offline engine can't both hold a KV cache sized at 0.9 of it.
@@ -248,15 +250,28 @@ def main(argv=None) -> int:
             raise
         finally:
             f.close()
-        off = Offline(args.threads, args)
+        ceil = rec = None
         if args.device == "cuda":
             import torch
 
+            from limit import StepRecorder, ceilings
+
             device_name = torch.cuda.get_device_name()
+            ceil = ceilings()  # before the engine takes 0.9 of the memory
+        off = Offline(args.threads, args)
+        if ceil is not None:
+            rec = StepRecorder(off.engine.runner)
         for fl in fleet_runs:
+            if rec is not None:
+                rec.reset()
             o = off.run(reqs)
             runs.append({"offline": o, "fleet": fl})
             print(json.dumps({"offline": o}), file=sys.stderr, flush=True)
+        if rec is not None:  # the roofline of the offline run's schedule (the fleet's is the same workload)
+            from limit import limit, model_costs
+
+            lim = limit(rec.steps, model_costs(off.engine.runner), ceil, runs[-1]["offline"]["tokens"])
+            limits = {**ceil, **lim}
         blocks = {"fleet": blocks_fleet, "offline": off.num_gpu_blocks}
     else:
         off = Offline(args.threads, args)
@@ -288,6 +303,9 @@ def main(argv=None) -> int:
         "offline_best": best_off,
         "fleet_best": best_fl,
         "fleet_vs_offline": round(best_fl["tok_s"] / best_off["tok_s"], 3),
+        "limit": limits,
+        "fleet_fraction_of_limit": round(best_fl["tok_s"] / limits["limit_output_tok_s"], 3) if limits else None,
+        "offline_fraction_of_limit": round(best_off["tok_s"] / limits["limit_output_tok_s"], 3) if limits else None,
         "fleet_vs_offline_per_run": [round(r["fleet"]["tok_s"] / r["offline"]["tok_s"], 3) for r in runs],
         # the same ratio with each side's model time (runner.execute) factored out: what the fleet's own
         # overhead costs when both models run equally fast (robust to other jobs on a shared machine)

@@ -172,12 +172,13 @@ def print_report(c: Counts, series: dict[str, list[tuple[float, float]]], elapse
         print(f"{name:<14}" + "".join(f"{v:>8.0f}" for v in row))
 
 
-def start_fleet(workers: int, num_gpu_blocks: int):
+def start_fleet(workers: int, num_gpu_blocks: int, output_ttl_s: int | None = None):
     sys.path.insert(0, str(REPO / "tests"))
     from fleet_harness import Fleet  # the harness the fleet tests use: real processes, logs in a temp dir
 
     fleet = Fleet(Path(tempfile.mkdtemp(prefix="pagedfleet-soak-")), num_workers=workers,
-                  num_gpu_blocks=num_gpu_blocks, max_model_len=512)
+                  num_gpu_blocks=num_gpu_blocks, max_model_len=512,
+                  scheduler_args=["--output-ttl-s", str(output_ttl_s)] if output_ttl_s else [])
     pids = {name: p.pid for name, p in fleet.procs.items()}
     pids["redis"] = fleet.redis.proc.pid
     return fleet, pids
@@ -194,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=2, help="workers of the fleet it starts")
     p.add_argument("--num-gpu-blocks", type=int, default=2048, help="KV blocks per worker of the fleet it starts")
+    p.add_argument("--output-ttl-s", type=int, default=None,
+                   help="the fleet's output stream TTL (default 600 s: Redis grows for that long, then levels)")
     a = p.parse_args(argv)
     fleet = pids = None
     url = a.url
     if url is None:
-        fleet, pids = start_fleet(a.workers, a.num_gpu_blocks)
+        fleet, pids = start_fleet(a.workers, a.num_gpu_blocks, a.output_ttl_s)
         url = fleet.url
     try:
         c = asyncio.run(soak(url, a.model, a.streams, a.minutes, a.max_tokens, a.grace_s, a.sample_s, pids))

@@ -3,9 +3,9 @@
 A request's ``SamplingParams.structured_output`` is compiled (model_io/grammar.py: llguidance, cached by
 spec, in a thread pool) when its sequence first appears in a step, while the forward pass runs. Per step,
 ``GrammarMasks`` fills the bitmasks of every constrained sequence in one parallel call, in a thread,
-while the forward pass runs; ``GrammarStep.mask`` applies them to the whole logits batch with one tensor op; after sampling, ``advance`` feeds each constrained sequence
-its token. A finished grammar allows only EOS, so the
-sequence stops; a matcher in error (never expected: the mask forbids what it would reject) does the same.
+while the forward pass runs; ``GrammarStep.mask`` applies them to the whole logits batch with one tensor
+op; after sampling, ``advance`` feeds each constrained sequence its token. A finished grammar allows only
+EOS, so the sequence stops; a matcher in error (never expected: the mask forbids what it would reject) does the same.
 Steps without a constrained row never reach this module.
 """
 
@@ -58,10 +58,10 @@ class GrammarStep:
 
         R, V = logits.shape
         bitmask = torch.full(lt.get_bitmask_shape(R, V), -1, dtype=torch.int32)  # unconstrained rows: all allowed
-        if self.masks is not None:
-            ahead = self.masks.future.result()
+        ahead = self.masks.future.result() if self.masks is not None else None
+        if ahead is not None and ahead.shape[1] == bitmask.shape[1]:
             bitmask[torch.tensor(self.rows)] = ahead[torch.tensor(self.src)]
-        else:
+        else:  # not filled ahead (or for another width of logits): fill now
             live = [(m, r) for m, r in zip(self.matchers, self.rows) if not m.is_error()]
             if live:
                 lt.fill_next_token_bitmask_par(_executor(), live, bitmask)
