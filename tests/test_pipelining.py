@@ -111,7 +111,7 @@ def drive_pipelined(s, w, lookahead: int = 1, abort_at: dict | None = None, max_
 
 @pytest.mark.xfail(strict=False, reason="known: a group stopped for outgrowing the whole pool (finish 'length') "
                    "can end one token apart pipelined vs synchronous (hypothesis found it on CI, "
-                   "2026-12-01); the fleet pipelines by default all the same (docs/pipelining.md)")
+                   "2026-12-01); the fleet pipelines by default all the same (docs/fleet.md)")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=lp.configs, reqs=st.lists(lp.arrivals, min_size=1, max_size=10), lookahead=st.sampled_from([1, 2]))
 def test_pipelined_ledger_runs_equal_synchronous(cfg, reqs, lookahead):
