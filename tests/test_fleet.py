@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from fleet_harness import Fleet
+from fleet_harness import module_fleet
 from protocol import RequestOutputDelta, SamplingParams
 from protocol import streams as S
 
@@ -31,11 +31,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("fleet"), num_workers=2, num_gpu_blocks=512, max_model_len=2048,
-              housekeeping=True, env={"PAGEDFLEET_HOUSEKEEPING_PERIOD_S": "5"})
-    yield f
-    f.dump_logs(30)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "fleet", num_workers=2, num_gpu_blocks=512, max_model_len=2048,
+                            housekeeping=True, env={"PAGEDFLEET_HOUSEKEEPING_PERIOD_S": "5"})
 
 
 @pytest.fixture(scope="module")

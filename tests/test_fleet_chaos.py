@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from fleet_harness import Fleet
+from fleet_harness import Fleet, module_fleet
 from protocol import streams as S
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
@@ -149,10 +149,8 @@ def completed_since(load: Load, t: float) -> int:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("chaos"), num_workers=2, num_gpu_blocks=256, max_model_len=512)
-    yield f
-    f.dump_logs(40)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "chaos", log_lines=40, num_workers=2, num_gpu_blocks=256,
+                            max_model_len=512)
 
 
 def faults(fleet: Fleet) -> list[tuple[str, object]]:

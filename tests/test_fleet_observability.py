@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from fleet_harness import Fleet, _stop
+from fleet_harness import Fleet, _stop, module_fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -53,12 +53,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("obs-fleet"), num_workers=1, num_gpu_blocks=NUM_GPU_BLOCKS,
-              max_model_len=1024, housekeeping=False, scheduler_args=["--preemption-mode", "swap"],
-              worker_args=["--num-cpu-blocks", str(NUM_CPU_BLOCKS)])
-    yield f
-    f.dump_logs(20)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "obs-fleet", log_lines=20, num_workers=1, num_gpu_blocks=NUM_GPU_BLOCKS,
+                            max_model_len=1024, housekeeping=False, scheduler_args=["--preemption-mode", "swap"],
+                            worker_args=["--num-cpu-blocks", str(NUM_CPU_BLOCKS)])
 
 
 class Prometheus:

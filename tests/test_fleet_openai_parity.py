@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from fleet_harness import Fleet
+from fleet_harness import module_fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -24,10 +24,7 @@ PROMPT = "The capital of France is Paris. The capital of Italy is"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("fleet"), num_workers=1, num_gpu_blocks=256, max_model_len=1024)
-    yield f
-    f.dump_logs(30)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "fleet", num_workers=1, num_gpu_blocks=256, max_model_len=1024)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from fleet_harness import Fleet
+from fleet_harness import module_fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -27,10 +27,7 @@ MODEL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("fleet"), num_workers=1, num_gpu_blocks=512, max_model_len=2048)
-    yield f
-    f.dump_logs(30)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "fleet", num_workers=1, num_gpu_blocks=512, max_model_len=2048)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.generation import GenerationMode
 
-from fleet_harness import Fleet
+from fleet_harness import module_fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -19,11 +19,8 @@ MAX_MODEL_LEN = 64
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("schemathesis"), num_workers=1, num_gpu_blocks=64, max_model_len=MAX_MODEL_LEN,
-              env={"PAGEDFLEET_MAX_MODEL_LEN": str(MAX_MODEL_LEN)})
-    yield f
-    f.dump_logs(30)
-    f.close()
+    yield from module_fleet(tmp_path_factory, "schemathesis", num_workers=1, num_gpu_blocks=64,
+                            max_model_len=MAX_MODEL_LEN, env={"PAGEDFLEET_MAX_MODEL_LEN": str(MAX_MODEL_LEN)})
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,17 @@ def drive_pipelined(s, w, lookahead: int = 1, abort_at: dict | None = None, max_
     return tokens, reasons
 
 
+def _loaded(cfg, reqs):
+    """A fresh ledger and its fake worker with ``reqs`` queued (those it refuses as never fitting skipped)."""
+    s, w = lp.build(cfg)
+    for i, a in enumerate(reqs):
+        try:
+            s.add_request(lp.make_request(i, a))
+        except ValueError:
+            continue
+    return s, w
+
+
 @pytest.mark.xfail(strict=False, reason="known: a group stopped for outgrowing the whole pool (finish 'length') "
                    "can end one token apart pipelined vs synchronous (hypothesis found it on CI, "
                    "2026-12-01); the fleet pipelines by default all the same (docs/fleet.md)")
@@ -117,12 +128,7 @@ def drive_pipelined(s, w, lookahead: int = 1, abort_at: dict | None = None, max_
 def test_pipelined_ledger_runs_equal_synchronous(cfg, reqs, lookahead):
     runs = []
     for pipelined in (False, True):
-        s, w = lp.build(cfg)
-        for i, a in enumerate(reqs):
-            try:
-                s.add_request(lp.make_request(i, a))
-            except ValueError:
-                continue
+        s, w = _loaded(cfg, reqs)
         out = drive_pipelined(s, w, lookahead) if pipelined else drive(s, w)[:2]
         lp.assert_all_free(s)
         runs.append(out)
@@ -133,12 +139,7 @@ def test_pipelined_ledger_runs_equal_synchronous(cfg, reqs, lookahead):
 @given(cfg=lp.configs, reqs=st.lists(lp.arrivals, min_size=2, max_size=10),
        aborts=st.dictionaries(st.integers(1, 30), st.integers(0, 9), max_size=4))
 def test_pipelined_aborts_keep_the_ledger_consistent(cfg, reqs, aborts):
-    s, w = lp.build(cfg)
-    for i, a in enumerate(reqs):
-        try:
-            s.add_request(lp.make_request(i, a))
-        except ValueError:
-            continue
+    s, w = _loaded(cfg, reqs)
     _, reasons = drive_pipelined(s, w, 1, {k: f"r{v % len(reqs)}" for k, v in aborts.items()})
     lp.assert_all_free(s)
     plan = s.schedule()  # the last frees reach the worker
