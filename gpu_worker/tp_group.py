@@ -150,6 +150,9 @@ class TensorParallelGroup:
     def _mark_dead(self, rank: int, p) -> None:
         with self._reap:
             p.join(1.0)
+            deadline = time.monotonic() + 2.0  # its pipe closes a moment before the kernel can reap it
+            while p.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
             self.dead = self.dead or f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
 
     def _await_rank_exit(self, timeout: float) -> None:
