@@ -49,23 +49,34 @@ class Offline:
         if a is not None:
             kw = dict(model=a.model, device=a.device, num_gpu_blocks=a.num_gpu_blocks, max_num_seqs=a.max_num_seqs,
                       max_num_batched_tokens=a.max_num_batched_tokens, quantization=a.quantization,
-                      kv_cache_dtype=a.kv_cache_dtype, pipeline=a.pipeline)
+                      kv_cache_dtype=a.kv_cache_dtype, pipeline=a.pipeline, lookahead=getattr(a, "lookahead", 1))
         else:
             kw = dict(num_gpu_blocks=NUM_GPU_BLOCKS)
         self.engine = LLMEngine(EngineConfig(max_model_len=MAX_MODEL_LEN, **kw))
         self.num_gpu_blocks = self.engine.worker_info.num_gpu_blocks
         self.execute_s = 0.0
         runner = self.engine.runner
-        inner = runner.execute
+        inner = runner.launch  # execute() goes through launch() too
 
         def timed(plan):  # the model's own time, to tell load from other processes apart from overhead
             t = time.perf_counter()
             try:
-                return inner(plan)
+                step = inner(plan)
             finally:
                 self.execute_s += time.perf_counter() - t
+            result = step.result
 
-        runner.execute = timed
+            def timed_result():  # a launched step's wait for its tokens
+                t = time.perf_counter()
+                try:
+                    return result()
+                finally:
+                    self.execute_s += time.perf_counter() - t
+
+            step.result = timed_result
+            return step
+
+        runner.launch = timed
 
     def run(self, reqs) -> dict:
         sp = self.SamplingParams
@@ -157,7 +168,8 @@ def start_fleet(threads: int, workers: int, workdir: Path, a=None):
                               + (["--model-dir", str(Path(tok_dir).resolve())] if tok_dir else []))
 
     return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=blocks or 0, max_model_len=MAX_MODEL_LEN,
-                      scheduler_args=sched_args + (["--pipeline"] if getattr(a, "pipeline", False) else ["--no-pipeline"]),
+                      scheduler_args=sched_args + (["--pipeline", f"--pipeline-lookahead={getattr(a, 'lookahead', 1)}"]
+                                                   if getattr(a, "pipeline", False) else ["--no-pipeline"]),
                       env={"PAGEDFLEET_HEARTBEAT_INTERVAL_S": "0.5", "PAGEDFLEET_HEARTBEAT_TTL_S": "10",
                            # keep this process's extra import path (e.g. carried wheels) for the fleet's processes
                            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)})
@@ -216,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--pipeline", action="store_true",
                     help="both sides plan the next step while one runs (pipelined scheduling)")
+    ap.add_argument("--lookahead", type=int, default=1, help="plans made ahead when pipelined (both sides)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--sequential", action="store_true",
                     help="all fleet runs, then all offline runs (always so on CUDA)")

@@ -103,13 +103,13 @@ def _with_schema(eng, reqs, tokenizer_json: str):
 def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int,
                cuda_graphs: bool = True, quantization: str | None = None, pipeline: bool = False,
                schema_tokenizer: str | None = None, num_requests: int | None = None, ceil: dict | None = None,
-               max_model_len: int = 2048) -> dict:
+               max_model_len: int = 2048, profile: bool = False, lookahead: int = 1) -> dict:
     from pagedfleet.bench.workloads import mixed
 
     t_init = time.perf_counter()
     backend = "triton" if device.startswith("cuda") else "torch"
     eng = _engine(model, device, dtype, backend, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                  max_model_len=max_model_len, pipeline=pipeline,
+                  max_model_len=max_model_len, pipeline=pipeline, lookahead=lookahead,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9,
                   extra_worker={"enable_cuda_graphs": cuda_graphs})
     init_s = time.perf_counter() - t_init
@@ -141,6 +141,7 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
 
     eng.runner._run = count_run
     rec = StepRecorder(eng.runner)
+    prof = _profiler() if profile else None
     t0 = time.perf_counter()
     for ids, sp in work:
         eng.add_request(list(ids), sp)
@@ -154,11 +155,16 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
             if o.finished:
                 done.append(o)
         steps += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
     out_tokens = sum(len(c.token_ids) for o in done for c in o.outputs)
     stats = eng.scheduler.stats()
     rec.close()
     res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype, "pipeline": pipeline,
+           "lookahead": lookahead if pipeline else 0,
            "schema": bool(schema_tokenizer), "finish_reasons": _finish_counts(done),
            "kv_cache_dtype": kv_cache_dtype, "quantization": quantization, "requests": len(done),
            "output_tokens": out_tokens,
@@ -176,6 +182,8 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
            "ms_per_step_execute": round(1000 * acc["execute"] / steps, 3),
            "ms_per_step_update": round(1000 * acc["update"] / steps, 3),
            "ms_per_step_rest": round(1000 * (dt - acc["schedule"] - acc["execute"] - acc["update"]) / steps, 3)}
+    if prof is not None:
+        res["gpu_profile"] = _kernel_summary(prof, dt)
     if ceil:
         lim = limit(rec.steps, model_costs(eng.runner), ceil, out_tokens)
         res.update(lim, fraction_of_limit=fraction(res["output_tok_s"], lim))
@@ -183,6 +191,35 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
                       (eng.runner, "_run")):
         delattr(obj, name)  # drop the wrappers (they make reference cycles)
     return res  # the caller frees the engine (_free)
+
+
+def _profiler():
+    """torch.profiler over the timed loop, GPU kernels only (CUPTI sees the kernels inside graph replays)."""
+    act = torch.profiler.ProfilerActivity
+    prof = torch.profiler.profile(activities=[act.CUDA] if torch.cuda.is_available() else [act.CPU])
+    prof.__enter__()
+    return prof
+
+
+_KERNEL_KINDS = (("attention_decode", ("paged_decode", "decode_attn", "_decode")),
+                 ("attention_prefill", ("prefill", "unified_attention")),
+                 ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "matmul", "fp8")),
+                 ("kv_write", ("reshape_and_cache",)), ("sampling", ("argmax", "softmax", "topk", "sort")))
+
+
+def _kernel_summary(prof, wall_s: float) -> dict:
+    """GPU kernel time of the run by kind and the top kernels; idle = wall - busy (one stream)."""
+    rows = [(e.key, e.device_time_total / 1e6, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    busy = sum(t for _, t, _ in rows)
+    kinds: dict[str, float] = {}
+    for name, t, _ in rows:
+        low = name.lower()
+        kind = next((k for k, pats in _KERNEL_KINDS if any(p in low for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t
+    top = sorted(rows, key=lambda r: -r[1])[:15]
+    return {"wall_s": round(wall_s, 3), "gpu_busy_s": round(busy, 3), "gpu_idle_s": round(wall_s - busy, 3),
+            "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[n[:90], round(t, 4), c] for n, t, c in top]}
 
 
 def _finish_counts(done) -> dict:
@@ -200,6 +237,8 @@ RUNS = {  # --runs names: (kv cache dtype, weight quantization, pipelined, model
     "fp8-pipeline": ("fp8", "fp8", True, "model", False),
     # the schema's cost: the same model (--schema-model) with and without a schema on every request
     "schema": ("auto", None, False, "schema_model", True), "no-schema": ("auto", None, False, "schema_model", False),
+    "schema-pipeline": ("auto", None, True, "schema_model", True),
+    "no-schema-pipeline": ("auto", None, True, "schema_model", False),
 }
 
 
@@ -228,6 +267,9 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=None, help="only the first N requests of 'mixed'")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--no-limit", action="store_true", help="skip measuring the ceilings (CPU runs)")
+    ap.add_argument("--lookahead", type=int, default=1, help="plans made ahead in the pipelined runs")
+    ap.add_argument("--profile", action="store_true",
+                    help="the --runs under torch.profiler: GPU kernel time by kind, GPU idle time, top kernels")
     a = ap.parse_args()
     info = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -244,7 +286,8 @@ def main() -> None:
             kv, quant, pipe, model_opt, schema = RUNS[name]
             model = getattr(a, model_opt)
             r = throughput(model, a.device, a.dtype, kv, a.max_num_seqs, not a.no_cuda_graphs, quant, pipe,
-                           a.schema_tokenizer if schema else None, a.num_requests, ceil, a.max_model_len)
+                           a.schema_tokenizer if schema else None, a.num_requests, ceil, a.max_model_len,
+                           a.profile, a.lookahead)
             print(json.dumps({"run": name, **r}), flush=True)
             _free()
         return

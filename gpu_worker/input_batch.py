@@ -11,6 +11,7 @@ row in ``BlockTables``, the host int32 array that mirrors every block table: the
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,18 +42,25 @@ class SeqState:
     # derived from `sampling` once (hot path): greedy with nothing else to compute (one argmax does it);
     # prompt logprobs wanted
     plain_greedy: bool = False
+    grammar_greedy: bool = False  # greedy and plain but for a structured output (its mask before the argmax)
     want_plp: bool = False
     grammar: Any = None  # its structured-output matcher (gpu_worker/structured_output.py SeqGrammar), if any
+    # a launched step whose sampled token for this sequence is still on the device (not yet in token_ids):
+    # gpu_worker/launched_step.py DeferredStep, and this sequence's index in its tokens
+    pending: Any = None
+    pending_idx: int = 0
 
     def __post_init__(self) -> None:
         p = self.sampling
-        self.plain_greedy = (p.temperature == 0.0 and not p.use_beam_search and p.logprobs is None
-                             and p.min_tokens == 0 and not p.has_penalties and not p.has_logits_processors)
+        simple = (p.temperature == 0.0 and not p.use_beam_search and p.logprobs is None and p.min_tokens == 0
+                  and not p.has_penalties)
+        self.plain_greedy = simple and not p.has_logits_processors
+        self.grammar_greedy = simple and p.structured_output is not None and not p.logit_bias
         self.want_plp = p.prompt_logprobs is not None
 
     def clone(self, seq_id: int, seq_index: int) -> "SeqState":
         return replace(self, seq_id=seq_id, seq_index=seq_index, token_ids=list(self.token_ids),
-                       block_table=list(self.block_table), row=-1, pen_slot=-1, pen_len=0,
+                       block_table=list(self.block_table), row=-1, pen_slot=-1, pen_len=0, pending=None,
                        grammar=self.grammar.copy() if self.grammar is not None else None)
 
 
@@ -115,10 +123,20 @@ class StepInputs:
     block_tables: np.ndarray  # [S, max_blocks] int32, 0-padded
     positions: np.ndarray  # [T]
     slots: np.ndarray  # [T] int64
-    token_ids: np.ndarray  # [T] int64
+    token_ids: np.ndarray  # [T] int64 (0 where ``pending_rows`` says the token is still on the device)
     decode_only: bool
-    # every entry samples, greedily with nothing else to compute, no forks, no prompt logprobs
+    # every sampling entry samples greedily with nothing else to compute (a grammar's mask aside): no forks,
+    # no prompt logprobs
+    greedy: bool
+    # ... and every entry samples
     plain: bool
+    # a sampling entry has a structured output
+    has_grammar: bool = False
+    # token_ids[pending_rows[k]] is pending_step.tokens[pending_idx[k]] (a token the step before sampled
+    # and the host does not have yet): ModelRunner._forward gathers them on the device
+    pending_rows: np.ndarray | None = None
+    pending_idx: np.ndarray | None = None
+    pending_step: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +156,9 @@ class InputBatch:
         self.tables = BlockTables(-(-max_model_len // block_size) + 1)
         self.histories = PenaltyHistories(vocab_size, torch.device(device))  # sequences with a penalty
         self.sampling_slots = SamplingSlots(torch.device(device))  # sampling parameters, by block-table row
+        # resolves every deferred step (the runner's PendingTokens.resolve_all): called before reading the
+        # token ids of a sequence whose newest token is still on the device, where the device cannot fill it in
+        self.resolve_pending: Callable[[], None] = lambda: None
 
     # ---- the plan's diffs --------------------------------------------------------------------
     def free(self, seq_ids) -> None:
@@ -196,7 +217,8 @@ class InputBatch:
     # ---- a step's inputs ---------------------------------------------------------------------
     def prepare(self, entries: list[ScheduledSequence]) -> StepInputs:
         """Apply the entries' table updates and appended tokens, check them, and build the step's inputs."""
-        states, starts_l, qlens_l, rows_l, flat, max_blocks, decode_only, plain = self._gather(entries)
+        (states, starts_l, qlens_l, rows_l, flat, max_blocks, decode_only, greedy, all_sample, has_grammar,
+         pend) = self._gather(entries)
         bs, S = self.block_size, len(entries)
         starts = np.array(starts_l, dtype=np.int64)
         qlens = np.array(qlens_l, dtype=np.int64)
@@ -217,50 +239,79 @@ class InputBatch:
         ids_np = np.array(flat, dtype=np.int64)
         if ids_np.max() >= self.vocab_size or ids_np.min() < 0:
             raise ValueError(f"token id out of range [0, {self.vocab_size})")
-        return StepInputs(states, starts, qlens, seq_lens, qsl, bt_np, positions, slots, ids_np, decode_only, plain)
+        x = StepInputs(states, starts, qlens, seq_lens, qsl, bt_np, positions, slots, ids_np, decode_only, greedy,
+                       greedy and all_sample, has_grammar)
+        if pend[0]:
+            x.pending_rows, x.pending_idx = np.array(pend[0], dtype=np.int64), np.array(pend[1], dtype=np.int64)
+            x.pending_step = pend[2]
+        return x
 
     def _gather(self, entries: list[ScheduledSequence]):
         """Per entry: its state (table updates and appended tokens applied), computed count, new tokens,
-        block-table row; the flat new tokens; the widest table; whether the step is decode-only / plain."""
+        block-table row; the flat new tokens; the widest table; whether the step is decode-only, greedy
+        (see StepInputs), whether every entry samples, whether one has a grammar; the flat rows whose token
+        is on the device."""
         seqs, bs, max_len = self.seqs, self.block_size, self.max_model_len
         states: list[SeqState] = []
         starts_l: list[int] = []
         qlens_l: list[int] = []
         rows_l: list[int] = []
         flat: list[int] = []
-        max_blocks, decode_only, plain = 1, True, True
+        max_blocks, decode_only, greedy, all_sample, has_grammar = 1, True, True, True, False
+        pend_rows: list[int] = []
+        pend_idx: list[int] = []
+        pend_step = None
         add_state, add_start, add_qlen, add_row, add_tok = (states.append, starts_l.append, qlens_l.append,
                                                             rows_l.append, flat.append)
         for e in entries:
             s = seqs.get(e.seq_id)
             if s is None:
                 raise ValueError(f"scheduled sequence {e.seq_id} is unknown to worker {self.worker_id}")
+            n, c = e.num_tokens, s.num_computed
+            if s.pending is not None and (n != 1 or e.append_token_ids):
+                self.resolve_pending()  # the device fills in only a one-token decode's input
             if e.reset_block_table is not None or e.block_updates:
                 self._update_table(s, e)
             if e.append_token_ids:
                 s.token_ids.extend(e.append_token_ids)
             toks = s.token_ids
             nb = len(s.block_table)
-            n, c = e.num_tokens, s.num_computed
             end = c + n
-            _check_entry(e, n, end, len(toks), nb, bs, max_len)
-            if e.sample:
-                if plain and (not s.plain_greedy or e.fork_children or (s.want_plp and c < s.prompt_len)):
-                    plain = False
-            else:
-                plain = False
+            on_device = s.pending is not None and c == len(toks)  # its input is the token in flight
+            _check_entry(e, n, end, len(toks) + on_device, nb, bs, max_len)
+            if greedy and not _keeps_greedy(e, s, c):
+                greedy = False
+            if not e.sample:
+                all_sample = False
+            elif s.grammar is not None:
+                has_grammar = True
             add_state(s)
             add_start(c)
             add_qlen(n)
             add_row(s.row)
-            if n == 1:
+            if on_device:
+                pend_rows.append(len(flat))
+                pend_idx.append(s.pending_idx)
+                pend_step = s.pending
+                add_tok(0)
+            elif n == 1:
                 add_tok(toks[c])
             else:
                 flat.extend(toks[c:end])
+            if n != 1:
                 decode_only = False
             if nb > max_blocks:
                 max_blocks = nb
-        return states, starts_l, qlens_l, rows_l, flat, max_blocks, decode_only, plain
+        return (states, starts_l, qlens_l, rows_l, flat, max_blocks, decode_only, greedy, all_sample, has_grammar,
+                (pend_rows, pend_idx, pend_step))
+
+
+def _keeps_greedy(e: ScheduledSequence, s: SeqState, c: int) -> bool:
+    """Whether this entry leaves its step greedy (StepInputs.greedy): no forks, no prompt logprobs, and a
+    sampling entry greedy with nothing else to compute (a grammar's mask aside)."""
+    if e.fork_children or (s.want_plp and c < s.prompt_len):
+        return False
+    return not e.sample or s.plain_greedy or s.grammar_greedy
 
 
 def _check_entry(e: ScheduledSequence, n: int, end: int, num_tokens: int, nb: int, bs: int, max_len: int) -> None:

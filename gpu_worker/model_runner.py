@@ -28,17 +28,28 @@ from gpu_worker.attention import AttentionMetadata, get_backend
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import CudaGraphs
 from gpu_worker.input_batch import InputBatch, SeqState, StepInputs
+from gpu_worker.launched_step import DeferredStep, DoneStep, PendingTokens
 from gpu_worker.loader import init_random_weights, load_weights
 from gpu_worker.models.llama import LlamaArgs, LlamaForCausalLM
-from gpu_worker.sampler import Sampler, SampleRequest, prompt_logprobs
+from gpu_worker.prompt_logprobs import prompt_logprob_outputs, prompt_logprob_rows
+from gpu_worker.sampler import Sampler, SampleRequest
 from gpu_worker.structured_output import GrammarMasks, GrammarStep
 from model_io.grammar import GrammarCompiler
-from gpu_worker.step_outputs import StepOutputs, greedy_outputs, step_result, token_logprobs
-from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, TokenLogprob, WorkerInfo
+from gpu_worker.step_outputs import StepOutputs, step_result
+from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, WorkerInfo
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without a host sync: on CUDA through pinned memory (a copy from pageable
+    memory can make the host wait for the GPU), so a step can be launched while the previous one runs."""
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -82,6 +93,8 @@ class ModelRunner:
         self.sampler = Sampler(self.args.vocab_size, self.files.eos_token_ids)
         self.batch = InputBatch(worker_id, self.block_size, self.max_model_len, self.num_gpu_blocks,
                                 self.args.vocab_size, self.device)
+        self.pending = PendingTokens()  # greedy steps launched whose tokens are still on the device
+        self.batch.resolve_pending = self.pending.resolve_all
         self._grammars: GrammarCompiler | None = None  # built at the first structured-output request
         self.measure_transfers = False
         self.last_transfer_s: dict[str, float] = {}  # seconds per KV transfer op of the last step (if measured)
@@ -222,26 +235,41 @@ class ModelRunner:
         del kv, h
 
     # ---- the step ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one plan to its result (the sampled tokens on the host)."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> DeferredStep | DoneStep:
+        """Apply a plan and queue its GPU work. A greedy step returns before its tokens reach the host
+        (gpu_worker/launched_step.py): the next plan can be launched right behind it; ``result()`` waits."""
         t0 = time.perf_counter()
-        batch = self.batch
-        batch.free(plan.freed_seq_ids)
-        self.last_transfer_s = {}
-        if plan.swap_out:
-            self._transfer("swap_out", self.swap_out, plan.swap_out)
-        if plan.swap_in:
-            self._transfer("swap_in", self.swap_in, plan.swap_in)
-        if plan.block_copies:
-            self._transfer("copy", self.copy_blocks, plan.block_copies)
-        for ns in plan.new_sequences:
-            batch.add(ns)
-        for f in plan.forks:
-            batch.fork(f.parent_seq_id, f.child_seq_id, f.seq_index)
-        outputs: list[SequenceOutput] = []
-        if plan.scheduled:
-            outputs = self._run(plan)
-        return step_result(plan, self.worker_id, outputs, t0)
+        with self.pending.lock:
+            self.pending.resolve_all(keep_latest=True)  # only the newest step's tokens are read on the device
+            batch = self.batch
+            batch.free(plan.freed_seq_ids)
+            self.last_transfer_s = {}
+            if plan.swap_out:
+                self._transfer("swap_out", self.swap_out, plan.swap_out)
+            if plan.swap_in:
+                self._transfer("swap_in", self.swap_in, plan.swap_in)
+            if plan.block_copies:
+                self._transfer("copy", self.copy_blocks, plan.block_copies)
+            for ns in plan.new_sequences:
+                batch.add(ns)
+            if plan.forks:
+                self.pending.resolve_all()  # a child copies its parent's tokens
+            for f in plan.forks:
+                batch.fork(f.parent_seq_id, f.child_seq_id, f.seq_index)
+            if not plan.scheduled:
+                return DoneStep(step_result(plan, self.worker_id, [], t0))
+            out = self._run(plan)
+            if isinstance(out, list):
+                return DoneStep(step_result(plan, self.worker_id, out, t0))
+            states, tokens, finish = out
+            step = DeferredStep(self.pending, plan, self.worker_id, t0, states, tokens, finish)
+            self.pending.add(step)
+            return step
 
     def _transfer(self, op: str, fn, pairs) -> None:
         """One batched KV transfer; timed into ``last_transfer_s`` when ``measure_transfers`` is set. On
@@ -259,13 +287,19 @@ class ModelRunner:
         self.last_transfer_s[op] = self.last_transfer_s.get(op, 0.0) + (time.perf_counter() - t)
 
     def _forward(self, x: StepInputs) -> torch.Tensor:
-        """Hidden states of the step's new tokens (a CUDA graph replay for decode-only steps that fit)."""
+        """Hidden states of the step's new tokens (a CUDA graph replay for decode-only steps that fit). Input
+        tokens still on the device (``x.pending_rows``) are gathered there from the step that sampled them."""
         dev, graphs = self.device, self.cuda_graphs
+        on_device = None
+        if x.pending_rows is not None:
+            on_device = (_h2d(x.pending_rows, dev), x.pending_step.tokens.index_select(0, _h2d(x.pending_idx, dev)))
         if x.decode_only and graphs is not None and len(x.states) <= graphs.max_batch_size:
-            return graphs.forward(x.token_ids, x.positions, x.slots, x.seq_lens, x.block_tables)
+            return graphs.forward(x.token_ids, x.positions, x.slots, x.seq_lens, x.block_tables, on_device)
         meta = AttentionMetadata.from_numpy(x.slots, x.block_tables, x.seq_lens, x.qlens, x.qsl, self.block_size, dev)
-        input_ids = torch.from_numpy(x.token_ids).to(dev, non_blocking=True)
-        pos_t = torch.from_numpy(np.ascontiguousarray(x.positions)).to(dev, non_blocking=True)
+        input_ids = _h2d(x.token_ids, dev)
+        if on_device is not None:
+            input_ids.index_copy_(0, *on_device)
+        pos_t = _h2d(np.ascontiguousarray(x.positions), dev)
         self.backend.prepare(meta)
         return self.model(input_ids, pos_t, self.kv_cache, meta, self.backend)
 
@@ -280,13 +314,17 @@ class ModelRunner:
                 st = self.batch.seqs[ns.seq_id]
                 st.grammar = self._grammars.new_sequence(so, st.token_ids[st.prompt_len:])
 
-    def _run(self, plan: StepPlan) -> list[SequenceOutput]:
+    def _run(self, plan: StepPlan) -> list[SequenceOutput] | tuple[list[SeqState], torch.Tensor | None, Any]:
+        """The step's outputs; for a greedy step, its sampling states and their tokens, still on the device
+        (with grammars: None and the function that masks and samples them, called when they are needed)."""
         entries = plan.scheduled
         if plan.new_sequences:
             self._attach_grammars(plan)
         x = self.batch.prepare(entries)
-        # (no loop over the batch unless this worker has seen a structured-output request)
-        masks = self._grammar_masks(x.states, entries) if self._grammars is not None and not x.plain else None
+        masks = None
+        if x.has_grammar:
+            self.pending.finish_all()  # the masks follow every token sampled so far
+            masks = self._grammar_masks(x.states, entries)
         hidden = self._forward(x)
         states = x.states
         if x.decode_only:
@@ -295,15 +333,29 @@ class ModelRunner:
         else:
             for s, n in zip(states, x.qlens.tolist()):
                 s.num_computed += n
-        if x.plain:  # the common decode step: one argmax, one output per entry
-            if x.num_tokens != len(states):
-                hidden = hidden.index_select(0, torch.from_numpy(x.qsl[1:] - 1).to(self.device, non_blocking=True))
-            return greedy_outputs(states, self.sampler.greedy(self.model.compute_logits(hidden)))
+        if x.greedy:  # the common step: one argmax over the sampling rows, the tokens stay on the device
+            if not x.plain:
+                keep = [i for i, e in enumerate(entries) if e.sample]
+                states = [states[i] for i in keep]
+                if not states:
+                    return []
+                rows = x.qsl[1:][keep] - 1
+            elif x.num_tokens != len(states):
+                rows = x.qsl[1:] - 1
+            else:
+                rows = None
+            if rows is not None:
+                hidden = hidden.index_select(0, _h2d(rows, self.device))
+            logits = self.model.compute_logits(hidden)
+            if masks is not None:
+                return states, None, lambda: self._mask_greedy(logits, states, masks)
+            return states, self.sampler.greedy_tokens(logits), None
+        self.pending.resolve_all()  # the sampler reads the token histories
 
         # rows of the logits we need: sampled rows, then prompt-logprob rows
         sample_entries = [i for i, e in enumerate(entries) if e.sample]
         rows = [int(x.qsl[i + 1]) - 1 for i in sample_entries]
-        plp = self._prompt_logprob_rows(x, rows)
+        plp = prompt_logprob_rows(x, rows)
         out = StepOutputs()
         logits = None
         if rows:
@@ -311,7 +363,7 @@ class ModelRunner:
         plp_entries = [i for i, s in enumerate(states)
                        if s.sampling.prompt_logprobs is not None and int(x.starts[i]) < s.prompt_len]
         if plp_entries:
-            self._prompt_logprobs(logits, plp, plp_entries, x, out)
+            prompt_logprob_outputs(logits, plp, plp_entries, x, out)
         if sample_entries:
             self._sample(logits[: len(sample_entries)], sample_entries, entries, states, out, masks)
         for e in entries:  # children of an entry that samples nothing are only cloned
@@ -320,48 +372,19 @@ class ModelRunner:
                     self.batch.fork(e.seq_id, fc.child_seq_id, fc.seq_index)
         return out.in_plan_order()
 
-    @staticmethod
-    def _prompt_logprob_rows(x: StepInputs, rows: list[int]) -> list[tuple[int, int, int, int]]:
-        """Append to ``rows`` the hidden rows whose logits give prompt logprobs; per entry that has some:
-        (entry, first row in ``rows``, count, first target position)."""
-        plp: list[tuple[int, int, int, int]] = []
-        for i, s in enumerate(x.states):
-            if s.sampling.prompt_logprobs is None:
-                continue
-            c = int(x.starts[i])
-            if c >= s.prompt_len:
-                continue
-            hi = min(c + int(x.qlens[i]), s.prompt_len - 1)  # positions p in [c, hi) predict prompt token p + 1
-            if hi > c:
-                plp.append((i, len(rows), hi - c, c + 1))
-                base = int(x.qsl[i]) - c
-                rows.extend(range(base + c, base + hi))
-        return plp
-
-    def _prompt_logprobs(self, logits, plp, plp_entries, x: StepInputs, out: StepOutputs) -> None:
-        states = x.states
-        computed: dict[int, list[list[TokenLogprob]]] = {}
-        for (i, r0, cnt, t0) in plp:
-            s = states[i]
-            tgt = torch.tensor(s.token_ids[t0: t0 + cnt], device=logits.device)
-            computed[i] = [token_logprobs(e)
-                           for e in prompt_logprobs(logits[r0: r0 + cnt], tgt, s.sampling.prompt_logprobs)]
-        for i in plp_entries:
-            s = states[i]
-            c, n = int(x.starts[i]), int(x.qlens[i])
-            end = min(c + n, s.prompt_len)
-            got = computed.get(i, [])
-            # one entry per prompt token j in [c, end): token c's entry was computed from the previous
-            # chunk's last row (pending; None for the first prompt token), the others from this chunk;
-            # this chunk's last row gives the pending entry of the next chunk's first token.
-            first = None if c == 0 else s.pending_prompt_lp
-            s.pending_prompt_lp = got[end - c - 1] if len(got) > end - c - 1 else None
-            out.prompt_logprobs(i, s, [first] + got[: end - c - 1])
-
     def _grammar_masks(self, states: list[SeqState], entries) -> GrammarMasks | None:
         """The constrained sampling sequences' bitmasks, started now (filled while the forward pass runs)."""
         gs = {s.seq_id: s.grammar for s, e in zip(states, entries) if e.sample and s.grammar is not None}
         return GrammarMasks(gs, self.args.vocab_size) if gs else None
+
+    @torch.inference_mode()
+    def _mask_greedy(self, logits: torch.Tensor, states: list[SeqState], masks: GrammarMasks) -> torch.Tensor:
+        """A greedy step's tokens with its grammar rows masked (``logits`` row j is ``states[j]``'s)."""
+        masks.future.result()  # filled: the matchers are ours again
+        rows = [j for j, s in enumerate(states) if s.grammar is not None]
+        GrammarStep(rows, [states[j].grammar for j in rows], self.files.eos_token_ids, masks,
+                    [masks.index[states[j].seq_id] for j in rows]).mask(logits)
+        return self.sampler.greedy_tokens(logits)
 
     def _sample(self, logits, sample_entries, entries, states, out: StepOutputs, masks=None) -> None:
         if masks is not None:  # filled: the matchers are ours again (forks copy them below)
@@ -441,7 +464,9 @@ class ModelRunner:
 
     def clear_sequences(self) -> None:
         """Drop every live sequence (a new incarnation of the worker); a group's ranks all do it."""
-        self.seqs.clear()
+        with self.pending.lock:
+            self.pending.clear()
+            self.seqs.clear()
 
     # ---- helpers for tests and tools ---------------------------------------------------------
     def seq_state(self, seq_id: int) -> SeqState:

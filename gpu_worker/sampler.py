@@ -126,10 +126,10 @@ class Sampler:
         return SamplerOutput(token_ids=token_list, logprobs=out_lp, top_logprobs=out_top)
 
     @torch.inference_mode()
-    def greedy(self, logits: torch.Tensor) -> list[int]:
-        """Token ids of rows that are greedy with no penalty, min_tokens mask or logprobs: exactly what
-        ``sample`` returns for such rows (one argmax, one device-to-host copy)."""
-        return logits.float().argmax(dim=-1).tolist()
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """Token ids (int64, on the logits' device) of rows that are greedy with no penalty, min_tokens mask
+        or logprobs: exactly what ``sample`` returns for such rows, with one argmax and no host sync."""
+        return logits.argmax(dim=-1)  # bf16 -> float32 is exact: the same argmax, without a float copy
 
     # ---- pieces ------------------------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, reqs: Sequence[SampleRequest], state=None) -> torch.Tensor:

@@ -4,8 +4,9 @@ Settings: ``WorkerSettings`` (gpu_worker/settings.py): environment ``PAGEDFLEET_
 
 Builds a ModelRunner, registers its WorkerInfo in Redis (``pf:workers``), heartbeats from a thread
 (``pf:hb:{worker_id}``, a key with a TTL holding this start's incarnation), then reads StepPlans from
-its plan stream (consumer group ``worker``), executes them in order and answers StepResults on the
-results stream. A plan is acknowledged in the same Redis transaction that publishes its result.
+its plan stream (consumer group ``worker``), launches them in order and answers StepResults on the
+results stream from a publishing thread (gpu_worker/publisher.py: the next plan runs on the GPU while the
+result before it goes out). A plan is acknowledged in the same Redis transaction that publishes its result.
 Prometheus metrics are served on their own port (``--metrics-port``; 0 picks a free one), advertised as
 ``--advertise-host`` (``auto``: this machine's / container's address on the network that reaches Redis).
 Each step reports its execute time and the time of its KV transfers (swap out, swap in, copy-on-write).
@@ -35,6 +36,7 @@ import redis
 from protocol import StepPlan, StepResult
 from protocol import streams as S
 from gpu_worker.drain import Drain
+from gpu_worker.publisher import ResultPublisher
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.tp_group import GroupLost
 from protocol.redis_conn import Outage, retry_forever_sync, sync_client
@@ -103,6 +105,7 @@ class WorkerService:
         self._steps = 0
         self._last_step = -1  # wire step id of the last plan run (the scheduler's ids only grow)
         self.plan_stream = S.plan_stream(self.worker_id)
+        self.publisher = ResultPublisher(self._publish, self.worker_id, self.unregister, self._observe_step)
 
     # ---- setup --------------------------------------------------------------------------------
     def build_runner(self):
@@ -211,6 +214,7 @@ class WorkerService:
                 outage.failed(e)
 
     def restart_incarnation(self) -> None:
+        self.publisher.flush()
         self.runner.clear_sequences()
         self._last_step = -1
         self.incarnation = uuid.uuid4().hex
@@ -225,7 +229,8 @@ class WorkerService:
             try:
                 resp = retry_forever_sync(lambda: self._read_plans(">"), what="read plans", log=log,
                                           stop_event=self.stop)
-                if not resp and not self.stop.is_set():  # idle: a plan delivered on a lost reply waits here
+                if not resp and not self.stop.is_set() and self.publisher.idle():
+                    # idle: a plan delivered on a lost reply waits here
                     resp = retry_forever_sync(lambda: self._read_plans("0"), what="read pending plans", log=log,
                                               stop_event=self.stop)
             except redis.ResponseError as e:
@@ -260,6 +265,7 @@ class WorkerService:
                 raise
 
     def handle(self, entry_id: str, fields: dict) -> None:
+        """Launch one plan; its result is published by the publishing thread, in order."""
         t0 = time.perf_counter()
         step_id = -1
         try:
@@ -273,29 +279,25 @@ class WorkerService:
                                    what="ack duplicate plan", log=log, stop_event=self.stop)
                 return
             self._last_step = step_id
-            result = self.runner.execute(plan)
-            result.worker_id = self.worker_id
+            step = self.runner.launch(plan)
         except GroupLost as e:  # not this step's fault: the scheduler resumes its requests on another worker
             log.error("step %s: %s: unregistering and exiting", step_id, e)
             self.unregister()
             os._exit(1)
         except Exception as e:
             log.exception("step %s failed", step_id)
-            result = StepResult(worker_id=self.worker_id, step_id=step_id, error=f"{type(e).__name__}: {e}")
+            step = StepResult(worker_id=self.worker_id, step_id=step_id, error=f"{type(e).__name__}: {e}")
             plan = None
-        dt = time.perf_counter() - t0
-        if not result.execute_ms:
-            result.execute_ms = dt * 1000.0
-        self._publish(result, entry_id)
-        if self.metrics is not None and plan is not None:
-            try:
-                # execute time, computed tokens, and each KV transfer of the plan with its time
-                self.metrics.observe_step(plan, dt, self.runner.last_transfer_s)
-                self._steps += 1
-                if self._steps % 50 == 1:
-                    self._device_memory()
-            except Exception:  # pragma: no cover
-                pass
+        self.publisher.submit(step, entry_id, plan, t0, self.runner.last_transfer_s)
+
+    def _observe_step(self, plan: StepPlan, dt: float, transfers: dict) -> None:
+        """Execute time, computed tokens, and each KV transfer of the plan with its time."""
+        if self.metrics is None:
+            return
+        self.metrics.observe_step(plan, dt, transfers)
+        self._steps += 1
+        if self._steps % 50 == 1:
+            self._device_memory()
 
     def _publish(self, result: StepResult, entry_id: str) -> None:
         """The StepResult and the plan's ack in one transaction, retried until Redis takes it (at least once:
@@ -344,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     hb.start()
     try:
         svc.serve()
+        svc.publisher.flush()  # the steps launched are published before we go
     finally:
         svc.stop.set()
         svc.unregister()

@@ -13,15 +13,6 @@ def token_logprobs(pairs) -> list[TokenLogprob]:
     return [TokenLogprob(token_id=int(t), logprob=float(v)) for t, v in pairs]
 
 
-def greedy_outputs(states: list[SeqState], tokens: list[int]) -> list[SequenceOutput]:
-    """The common decode step (every entry plain greedy): append each token, one output per entry."""
-    res = []
-    for s, tok in zip(states, tokens):
-        s.token_ids.append(tok)
-        res.append(SequenceOutput(seq_id=s.seq_id, token_id=tok))
-    return res
-
-
 class StepOutputs:
     """The outputs of one step, by scheduled entry: a prompt-logprob output can be completed by the token
     its entry samples in the same step; a parent's fork children add theirs after it."""

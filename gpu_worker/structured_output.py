@@ -4,7 +4,9 @@ A request's ``SamplingParams.structured_output`` is compiled (model_io/grammar.p
 spec, in a thread pool) when its sequence first appears in a step, while the forward pass runs. Per step,
 ``GrammarMasks`` fills the bitmasks of every constrained sequence in one parallel call, in a thread,
 while the forward pass runs; ``GrammarStep.mask`` applies them to the whole logits batch with one tensor
-op; after sampling, ``advance`` feeds each constrained sequence its token. A finished grammar allows only
+op; after sampling, ``advance`` feeds each constrained sequence its token. A greedy step leaves its tokens
+on the device (gpu_worker/launched_step.py): each sequence's grammar then takes its token when the next
+step's fill needs it (``SeqGrammar.feed_later``), in the fill thread, while the next forward pass runs. A finished grammar allows only
 EOS, so the sequence stops; a matcher in error (never expected: the mask forbids what it would reject) does the same.
 Steps without a constrained row never reach this module.
 """
@@ -71,13 +73,27 @@ class GrammarStep:
                 words[r] = 0
                 for e in self.eos:
                     words[r, e // 32] |= np.uint32(1 << (e % 32))
-        lt.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))
+        if logits.device.type == "cuda":  # pinned: a copy from pageable memory may wait for the GPU
+            bitmask = bitmask.pin_memory()
+        apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
 
     def advance(self, tokens: Sequence[int]) -> None:
         """Feed each constrained row's sampled token (``tokens``: the step's tokens, by row)."""
         for m, r in zip(self.matchers, self.rows):
             if not m.is_error():
                 m.consume_token(tokens[r])
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """``logits[r, t] = -inf`` where bit ``t % 32`` of ``bitmask[r, t // 32]`` is 0, in place, in a few
+    elementwise ops (llguidance's own applier is a torch.compile'd function: its first call compiles for
+    seconds on the step loop, and every call pays the compiled function's guards)."""
+    R, V = logits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(R, -1)[:, :V]
+    logits.masked_fill_(allowed == 0, float("-inf"))
+    if V > allowed.shape[1]:  # ids past the mask's width: never allowed
+        logits[:, allowed.shape[1]:] = float("-inf")
 
 
 _FILL_POOL = None

@@ -5,7 +5,7 @@ tensor_parallel_size 1, else a ``TensorParallelGroup``, which looks like a Model
 group is ONE worker: one WorkerInfo, one plan per step, one StepResult). Rank 0 sends every command to
 the other ranks as bytes over the group's gloo channel (gpu_worker/distributed.py): ``P`` + the StepPlan's
 msgspec JSON, ``C`` (drop every sequence), ``S`` (stop). The other ranks run ``follow_rank_zero``: decode,
-execute the same plan on their shard, discard the result (only rank 0's is sent).
+launch the same plan on their shard, discard the result (only rank 0's is sent).
 
 Failure: a watchdog thread on rank 0 waits on the ranks' process sentinels. When one exits unexpectedly it
 calls ``on_rank_exit`` (the worker service unregisters and exits, so the scheduler declares the worker
@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 from gpu_worker import distributed
 from gpu_worker.config import WorkerConfig
+from gpu_worker.launched_step import DeferredStep, DoneStep
 from gpu_worker.model_runner import ModelRunner
 from protocol import StepPlan, StepResult, wire
 
@@ -162,10 +163,15 @@ class TensorParallelGroup:
         self._check_ranks()
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.launch(plan).result()
+
+    def launch(self, plan: StepPlan) -> DeferredStep | DoneStep:
+        """Every rank launches the plan (ModelRunner.launch): a greedy step's tokens stay on each rank's
+        device, identical on all of them (the logits are gathered before the argmax)."""
         self.busy_since = time.monotonic()
         try:
             self._command(b"P" + wire.encode(plan))
-            return self.runner.execute(plan)
+            return self.runner.launch(plan)
         except RuntimeError as e:
             # a peer's death shows up here first as a broken connection; its exit may lag a little behind
             self._await_rank_exit(DEATH_NOTICE_S)
@@ -249,8 +255,8 @@ def follow_rank_zero(rank: int, port: int, config_json: str, worker_id: str, par
         if tag == b"C":
             runner.clear_sequences()
             continue
-        try:
-            runner.execute(wire.decode(data[1:], StepPlan))
+        try:  # launched, never waited for: the next launch resolves it (PendingTokens keeps the newest only)
+            runner.launch(wire.decode(data[1:], StepPlan))
         except Exception:  # rank 0 failed the same way and reports it; a broken group fails the next broadcast
             log.exception("step failed")
     distributed.destroy_tensor_parallel()

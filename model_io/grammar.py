@@ -87,12 +87,20 @@ class GrammarCompiler:
 
 
 class SeqGrammar:
-    """One sequence's matcher: a pending compile until first needed, then its own copy."""
+    """One sequence's matcher: a pending compile until first needed, then its own copy. Tokens it has not
+    consumed yet wait in ``_pending`` (a recomputed sequence's earlier tokens) or ``_later`` (tokens still
+    on the device: ``source.host_tokens()[index]``, fetched when the matcher is next needed, typically
+    by the thread that fills the next step's bitmasks)."""
 
-    __slots__ = ("_template", "_pending", "_m")
+    __slots__ = ("_template", "_pending", "_m", "_later")
 
     def __init__(self, template: Future | None, pending: list[int], matcher=None):
         self._template, self._pending, self._m = template, pending, matcher
+        self._later: list = []
+
+    def feed_later(self, source, index: int) -> None:
+        """Consume ``source.host_tokens()[index]`` before the matcher is next used."""
+        self._later.append((source, index))
 
     def matcher(self):
         if self._m is None:
@@ -104,6 +112,11 @@ class SeqGrammar:
             if self._pending:  # a recomputed sequence: its earlier tokens
                 self._m.consume_tokens(self._pending)
                 self._pending = []
+        if self._later:
+            later, self._later = self._later, []
+            for source, index in later:
+                if not self._m.is_error():
+                    self._m.consume_token(source.host_tokens()[index])
         return self._m
 
     def copy(self) -> "SeqGrammar":

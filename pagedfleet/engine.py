@@ -11,7 +11,6 @@ import collections
 import gc
 import itertools
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +44,9 @@ class EngineConfig:
     # other libraries move to the permanent generation, so a full collection (triggered every few dozen
     # steps by the per-step messages) no longer walks them: ~100 ms each on a busy CPU, ~2 ms per step
     freeze_gc: bool = True
-    # pipelined scheduling (scheduler/lookahead.py): plan step N+1 while the model runs step N (in a worker
-    # thread); ``lookahead`` plans ahead at most (1: two plans in flight). False: plan, run, apply, in turn.
+    # pipelined scheduling (scheduler/lookahead.py): plan step N+1 while the GPU runs step N, launched without
+    # waiting for its tokens (ModelRunner.launch); ``lookahead`` plans ahead at most (1: two plans in flight).
+    # False: plan, run, apply, in turn.
     pipeline: bool = False  # off by default until a pool-capacity finish matches the synchronous form (test_pipelining)
     lookahead: int = 1
     extra_worker: dict[str, Any] = field(default_factory=dict)
@@ -107,8 +107,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
         self._max_in_flight = 1 + (config.lookahead if config.pipeline else 0)
-        self._in_flight: collections.deque[Future] = collections.deque()  # results of the plans sent, oldest first
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedfleet-model") if config.pipeline else None
+        self._in_flight: collections.deque = collections.deque()  # the plans launched (their result()), oldest first
         if config.freeze_gc:
             gc.collect()
             gc.freeze()
@@ -180,9 +179,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, execute, apply. Returns the requests that changed.
 
-        Pipelined: keep up to ``1 + lookahead`` plans queued on the model thread (the next ones planned while
-        the oldest runs), then apply the oldest result."""
-        if self._executor is None:
+        Pipelined: keep up to ``1 + lookahead`` plans launched (the next ones planned and launched while the
+        oldest runs on the GPU), then apply the oldest result."""
+        if not self.config.pipeline:
             deltas = self.scheduler.update(self.runner.execute(self.scheduler.schedule()))
         else:
             self._fill_pipeline()
@@ -209,7 +208,7 @@ class LLMEngine:
                 plan = sched.schedule_ahead()
                 if plan is None:
                     break  # this step needs the results first: synchronous
-            self._in_flight.append(self._executor.submit(self.runner.execute, plan))
+            self._in_flight.append(self.runner.launch(plan))
 
     def _apply_delta(self, state: _RequestState, delta: RequestOutputDelta) -> None:
         out, processor = state.output, state.processor

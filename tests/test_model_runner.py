@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -78,6 +80,39 @@ class Driver:
         while any(len(st["out"]) < st["max"] for st in self.state.values()):
             self.step()
         return {sid: st["out"] for sid, st in self.state.items()}
+
+    def run_ahead(self):
+        """Like ``run``, but each plan is launched before the previous step's result is taken (as the
+        pipelined scheduler plans: every sampling sequence is assumed to get its token)."""
+        in_flight = collections.deque()
+        inflight_tokens: dict[int, int] = {}
+        while True:
+            sched = []
+            for sid, st in self.state.items():
+                if len(st["out"]) + inflight_tokens.get(sid, 0) >= st["max"]:
+                    continue
+                remaining = st["len"] + inflight_tokens.get(sid, 0) - st["computed"]
+                n = min(self.chunk, remaining)
+                sched.append(ScheduledSequence(seq_id=sid, num_tokens=n, sample=n == remaining))
+            if sched:
+                plan = StepPlan(step_id=self.step_id, new_sequences=self.pending_new, scheduled=sched)
+                self.pending_new = []
+                self.step_id += 1
+                in_flight.append((self.r.launch(plan), sched))
+                for e in sched:
+                    self.state[e.seq_id]["computed"] += e.num_tokens
+                    inflight_tokens[e.seq_id] = inflight_tokens.get(e.seq_id, 0) + e.sample
+            if not in_flight:
+                return {sid: st["out"] for sid, st in self.state.items()}
+            if len(in_flight) > 1 or not sched:  # one plan ahead at most
+                step, done = in_flight.popleft()
+                for e in done:
+                    inflight_tokens[e.seq_id] -= e.sample
+                for o in step.result().outputs:
+                    self.outputs.setdefault(o.seq_id, []).append(o)
+                    st = self.state[o.seq_id]
+                    st["out"].append(o.token_id)
+                    st["len"] += 1
 
 
 def _hf_generate(hf, ids, n, **kw):
@@ -302,6 +337,43 @@ def test_random_tiny_runs_with_auto_blocks():
     d = Driver(r2, chunk=100)
     d.add(0, list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=4))
     assert d.run()[0] == a and len(a) == 4
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-staging"])
+def test_launching_ahead_gives_the_synchronous_tokens(graphs):
+    """Plans launched before the previous step's tokens reach the host (ModelRunner.launch): a decode whose
+    input token is still on the device reads it there, in the eager forward and in the CUDA-graph staging
+    (emulated); greedy prefill chunks, decodes and a sampled sequence mixed: the same tokens and logprobs
+    as running one step at a time."""
+    from gpu_worker import ModelRunner, WorkerConfig
+    from gpu_worker.cuda_graphs import CudaGraphs
+
+    def run(ahead: bool):
+        r = ModelRunner(WorkerConfig(model="random:tiny", seed=5, num_gpu_blocks=64, num_cpu_blocks=0,
+                                     max_model_len=256, cuda_graph_batch_sizes=(1, 2, 4, 8)))
+        if graphs:
+            r.cuda_graphs = CudaGraphs(r, emulate=True)
+        d = Driver(r, chunk=24)
+        for i, (n, m) in enumerate([(3, 9), (40, 12), (17, 4), (70, 7), (5, 11)]):
+            d.add(i, [(7 * i + 3 * j) % 500 + 1 for j in range(n)], SamplingParams(temperature=0.0, max_tokens=m))
+        d.add(9, list(range(1, 30)), SamplingParams(temperature=0.8, seed=3, max_tokens=5, logprobs=2))
+        forward = r._forward
+        r._forward = lambda x: (gathered.append(x.pending_rows is not None), forward(x))[1]
+        out = d.run_ahead() if ahead else d.run()
+        return out, d.outputs, r
+
+    gathered: list[bool] = []
+    sync, sync_outs, _ = run(False)
+    assert not any(gathered)
+    ahead, ahead_outs, r = run(True)
+    assert sum(gathered) >= 5  # steps whose inputs came from the device
+    assert ahead == sync
+    assert all(len(sync[i]) == m for i, m in enumerate([9, 12, 4, 7, 11]))
+    for a, b in zip(sync_outs[9], ahead_outs[9]):
+        assert abs(a.logprob - b.logprob) < 1e-5
+    assert all(s.pending is None for s in r.seqs.values())  # every launched step was resolved
+    if graphs:
+        assert any(g.calls for g in r.cuda_graphs.graphs.values())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -67,3 +67,57 @@ def test_logit_bias_moves_the_greedy_token():
     reqs = [SampleRequest(SamplingParams(temperature=0, logit_bias={7: 2.0}), 0, 0, 0),
             SampleRequest(SamplingParams(temperature=0), 0, 0, 0)]
     assert sampler.sample(logits, reqs).token_ids == [7, 5]
+
+
+def test_pipelined_engine_masks_greedy_rows_on_the_device_with_the_synchronous_tokens(monkeypatch):
+    """Greedy constrained steps launch ahead too (gpu_worker/launched_step.py): each grammar consumes its
+    token when the next step's masks are filled. The pipelined engine gives the synchronous tokens, and
+    the JSON parses."""
+    from model_io.grammar import SeqGrammar
+    from pagedfleet.engine import LLMEngine
+
+    fed = []
+    feed_later = SeqGrammar.feed_later
+    monkeypatch.setattr(SeqGrammar, "feed_later", lambda g, src, j: (fed.append(j), feed_later(g, src, j))[1])
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reqs = [("A person as JSON:", SamplingParams(temperature=0, max_tokens=40,
+                                                 structured_output=StructuredOutput.of_json_schema(schema))),
+            ("Pick a colour:", SamplingParams(temperature=0, max_tokens=8, structured_output=StructuredOutput(
+                kind="choice", spec=json.dumps(["red", "green", "blue"])))),
+            ("Count to ten:", SamplingParams(temperature=0, max_tokens=12))]
+
+    def run(pipeline: bool):
+        eng = LLMEngine(pipeline=pipeline, max_num_seqs=8)
+        ids = [eng.add_request(p, sp) for p, sp in reqs]
+        outs = {o.request_id: o.outputs[0] for o in eng.run_to_completion()}
+        return [(outs[i].token_ids, outs[i].text) for i in ids]
+
+    sync = run(False)
+    fed.clear()
+    ahead = run(True)
+    assert ahead == sync
+    assert len(fed) > 10  # the constrained steps left their tokens on the device
+    assert set(json.loads(sync[0][1])) == {"name", "age"}
+    assert sync[1][1] in ("red", "green", "blue")
+
+
+def test_bitmask_apply_masks_exactly_the_zero_bits():
+    """Our batched bitmask applier (no torch.compile on the step loop) masks exactly the tokens whose bit is 0."""
+    import llguidance.torch as lt
+
+    from gpu_worker.structured_output import apply_token_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    V = 1000
+    bitmask = torch.randint(-2**31, 2**31 - 1, lt.get_bitmask_shape(3, V), generator=gen, dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(3, V, generator=gen)
+    ours, theirs = logits.clone(), logits.clone()
+    apply_token_bitmask(ours, bitmask)
+    for r in range(3):  # the reference, bit by bit
+        for t in range(V):
+            if not (int(bitmask[r, t // 32]) >> (t % 32)) & 1:
+                theirs[r, t] = float("-inf")
+    assert torch.equal(ours, theirs)
+    assert torch.isinf(ours).any() and not torch.isinf(ours).all()
