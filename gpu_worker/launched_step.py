@@ -3,7 +3,7 @@
 A greedy step does not wait for its sampled tokens: the argmax stays on the device, one device-to-host copy
 of them is queued behind it, and ``launch`` returns a ``DeferredStep`` at once. The next step can be launched
 before that copy lands: a decode entry whose input is such a token reads it on the device
-(``PendingTokens.ref``, the gather in ``ModelRunner._forward``), so the GPU runs step N+1 right behind
+(``StepInputs.pending_rows``, gathered in ``ModelRunner._forward``), so the GPU runs step N+1 right behind
 step N while the host builds step N's result (vLLM V1's async scheduling). A greedy step with grammars
 too: the bitmasks are applied on the device, and each grammar consumes its token later, when the fill of
 the next step's masks needs it. Every other step (random sampling, logprobs, penalties, beam search,
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from gpu_worker.step_outputs import step_result
 from protocol import SequenceOutput, StepPlan, StepResult
 
 if TYPE_CHECKING:
@@ -62,9 +62,6 @@ class DeferredStep:
             self._start_copy(tokens)
 
     def _start_copy(self, tokens: torch.Tensor) -> None:
-        for j, s in enumerate(self.states):  # (after this step's own masks: they precede its tokens)
-            if s.grammar is not None:  # its matcher consumes the token when the next mask needs it
-                s.grammar.feed_later(self, j)
         if tokens.device.type == "cuda":
             self._pinned = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._pinned.copy_(tokens, non_blocking=True)
@@ -80,7 +77,11 @@ class DeferredStep:
         if self._tokens is None:
             with self._finish_lock:
                 if self._tokens is None:
-                    self._start_copy(self._finish())
+                    tokens = self._finish()  # this step's masks came first: then its grammars take its tokens
+                    for j, s in enumerate(self.states):
+                        if s.grammar is not None:  # consumed when the next step's mask needs it
+                            s.grammar.feed_later(self, j)
+                    self._start_copy(tokens)
                     self._finish = None
         return self._tokens
 
@@ -105,8 +106,7 @@ class DeferredStep:
         toks = self.host_tokens()  # the wait, outside the lock
         self.owner.resolve_through(self)
         outputs = [SequenceOutput(seq_id=s.seq_id, token_id=t) for s, t in zip(self.states, toks)]
-        return StepResult(version=self.plan.version, worker_id=self.worker_id, step_id=self.plan.step_id,
-                          outputs=outputs, execute_ms=(time.perf_counter() - self.t0) * 1e3, error=None)
+        return step_result(self.plan, self.worker_id, outputs, self.t0)
 
 
 class PendingTokens:

@@ -48,6 +48,16 @@ class ResultPublisher:
             finally:
                 self._q.task_done()
 
+    def failure(self, step_id: int, e: BaseException) -> StepResult:
+        """A step that raised (launching or waiting for it): the step's error result. A lost tensor-parallel
+        group is not the step's fault: unregister (the scheduler resumes its requests on another worker) and exit."""
+        if isinstance(e, GroupLost):
+            log.error("step %s: %s: unregistering and exiting", step_id, e)
+            self._on_group_lost()
+            os._exit(1)
+        log.error("step %s failed", step_id, exc_info=e)
+        return StepResult(worker_id=self.worker_id, step_id=step_id, error=f"{type(e).__name__}: {e}")
+
     def _one(self, step: Any, entry_id: str, plan: StepPlan | None, t0: float, transfers: dict) -> None:
         if isinstance(step, StepResult):
             result = step
@@ -55,15 +65,8 @@ class ResultPublisher:
             try:
                 result = step.result()
                 result.worker_id = self.worker_id
-            except GroupLost as e:  # not this step's fault: the scheduler resumes its requests on another worker
-                log.error("step %s: %s: unregistering and exiting", plan.step_id if plan else -1, e)
-                self._on_group_lost()
-                os._exit(1)
             except Exception as e:
-                log.exception("step %s failed", plan.step_id if plan else -1)
-                result = StepResult(worker_id=self.worker_id, step_id=plan.step_id if plan else -1,
-                                    error=f"{type(e).__name__}: {e}")
-                plan = None
+                result, plan = self.failure(plan.step_id if plan else -1, e), None
         dt = time.perf_counter() - t0
         if not result.execute_ms:
             result.execute_ms = dt * 1000.0

@@ -38,7 +38,6 @@ from protocol import streams as S
 from gpu_worker.drain import Drain
 from gpu_worker.publisher import ResultPublisher
 from gpu_worker.settings import WorkerSettings
-from gpu_worker.tp_group import GroupLost
 from protocol.redis_conn import Outage, retry_forever_sync, sync_client
 
 log = logging.getLogger("pagedfleet.worker")
@@ -280,14 +279,8 @@ class WorkerService:
                 return
             self._last_step = step_id
             step = self.runner.launch(plan)
-        except GroupLost as e:  # not this step's fault: the scheduler resumes its requests on another worker
-            log.error("step %s: %s: unregistering and exiting", step_id, e)
-            self.unregister()
-            os._exit(1)
-        except Exception as e:
-            log.exception("step %s failed", step_id)
-            step = StepResult(worker_id=self.worker_id, step_id=step_id, error=f"{type(e).__name__}: {e}")
-            plan = None
+        except Exception as e:  # a lost tensor-parallel group exits here (ResultPublisher.failure)
+            step, plan = self.publisher.failure(step_id, e), None
         self.publisher.submit(step, entry_id, plan, t0, self.runner.last_transfer_s)
 
     def _observe_step(self, plan: StepPlan, dt: float, transfers: dict) -> None:

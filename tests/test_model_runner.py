@@ -339,20 +339,31 @@ def test_random_tiny_runs_with_auto_blocks():
     assert d.run()[0] == a and len(a) == 4
 
 
+def _tiny_runner(graphs: bool, backend: str = "torch"):
+    """random:tiny on 64 blocks; ``graphs``: CUDA-graph staging with the graphs emulated by eager runs."""
+    from gpu_worker import ModelRunner, WorkerConfig
+    from gpu_worker.cuda_graphs import CudaGraphs
+
+    r = ModelRunner(WorkerConfig(model="random:tiny", seed=5, num_gpu_blocks=64, num_cpu_blocks=0,
+                                 max_model_len=256, cuda_graph_batch_sizes=(1, 2, 4, 8)))
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from gpu_worker.attention.triton_backend import TritonAttentionBackend
+
+        r.backend = TritonAttentionBackend()
+    if graphs:
+        r.cuda_graphs = CudaGraphs(r, emulate=True)
+    return r
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-staging"])
 def test_launching_ahead_gives_the_synchronous_tokens(graphs):
     """Plans launched before the previous step's tokens reach the host (ModelRunner.launch): a decode whose
     input token is still on the device reads it there, in the eager forward and in the CUDA-graph staging
     (emulated); greedy prefill chunks, decodes and a sampled sequence mixed: the same tokens and logprobs
     as running one step at a time."""
-    from gpu_worker import ModelRunner, WorkerConfig
-    from gpu_worker.cuda_graphs import CudaGraphs
-
     def run(ahead: bool):
-        r = ModelRunner(WorkerConfig(model="random:tiny", seed=5, num_gpu_blocks=64, num_cpu_blocks=0,
-                                     max_model_len=256, cuda_graph_batch_sizes=(1, 2, 4, 8)))
-        if graphs:
-            r.cuda_graphs = CudaGraphs(r, emulate=True)
+        r = _tiny_runner(graphs)
         d = Driver(r, chunk=24)
         for i, (n, m) in enumerate([(3, 9), (40, 12), (17, 4), (70, 7), (5, 11)]):
             d.add(i, [(7 * i + 3 * j) % 500 + 1 for j in range(n)], SamplingParams(temperature=0.0, max_tokens=m))
@@ -381,19 +392,8 @@ def test_decode_graph_staging_matches_eager(backend):
     """The CUDA-graph input staging (static int32 slab, padded rows, partial block-table updates), with
     the graphs replaced by eager runs on the static buffers: same tokens and logprobs as the eager path,
     for batches that pad (5 -> 8, 3 -> 4) and sequences that finish at different steps."""
-    from gpu_worker import ModelRunner, WorkerConfig
-    from gpu_worker.cuda_graphs import CudaGraphs
-
     def run(graphs: bool):
-        r = ModelRunner(WorkerConfig(model="random:tiny", seed=5, num_gpu_blocks=64, num_cpu_blocks=0,
-                                     max_model_len=256, cuda_graph_batch_sizes=(1, 2, 4, 8)))
-        if backend == "triton":
-            pytest.importorskip("triton")
-            from gpu_worker.attention.triton_backend import TritonAttentionBackend
-
-            r.backend = TritonAttentionBackend()
-        if graphs:
-            r.cuda_graphs = CudaGraphs(r, emulate=True)
+        r = _tiny_runner(graphs, backend)
         d = Driver(r, chunk=64)
         for i, (n, m) in enumerate([(3, 6), (40, 9), (17, 4), (70, 7), (5, 8)]):
             d.add(i, [(7 * i + 3 * j) % 500 + 1 for j in range(n)], SamplingParams(temperature=0.0, max_tokens=m))
