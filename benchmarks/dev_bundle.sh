@@ -24,4 +24,8 @@ shutil.copy(os.path.join(d, "tokenizer.json"), ".dev/smoltok/tokenizer.json")
 PY
 rm -rf .dev/before && mkdir -p .dev/before
 git archive 6f5264f protocol scheduler gpu_worker kernels pagedfleet gateway benchmarks tests/fleet_harness.py | tar -x -C .dev/before
+# py-spy for the hostprof stages (its wheel unpacked: the script lies under .dev/pyspy/*.data/scripts/)
+rm -rf .dev/pyspy /tmp/pyspy_whl && mkdir -p .dev/pyspy /tmp/pyspy_whl
+$PY -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d /tmp/pyspy_whl py-spy
+(cd .dev/pyspy && unzip -q /tmp/pyspy_whl/py_spy-*.whl)
 du -sh .dev

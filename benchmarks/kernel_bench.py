@@ -210,11 +210,14 @@ def check_all() -> list[str]:
         qp = torch.randn((int(qsl[-1]), HQ, D), device=DEV, dtype=torch.bfloat16)
         refp = kernels.paged_prefill_attention_ref(qp, kv8[0, 0], kv8[0, 1], bt, sl, qsl, 100, D**-0.5, k_scale=ks,
                                                    v_scale=vs, out_dtype=torch.float64)
-        outp = torch.full_like(qp, float("nan"))
-        kernels.paged_prefill_attention(qp, kv8[0, 0], kv8[0, 1], bt, sl, qsl, 100, D**-0.5, out=outp, k_scale=ks,
-                                        v_scale=vs)
-        e2 = rel_err(outp, refp)
-        expect(f"fp8 decode/prefill bs={bs}", e1 < 1e-2 and e2 < 1e-2, f"{e1:.1e} / {e2:.1e}")
+        e2 = []
+        for pk in ("triton", "auto"):  # auto on Hopper: the pages widened for the Gluon kernel
+            outp = torch.full_like(qp, float("nan"))
+            kernels.paged_prefill_attention(qp, kv8[0, 0], kv8[0, 1], bt, sl, qsl, 100, D**-0.5, out=outp,
+                                            k_scale=ks, v_scale=vs, kernel=pk)
+            e2.append(rel_err(outp, refp))
+        expect(f"fp8 decode/prefill bs={bs}", e1 < 1e-2 and max(e2) < 1e-2,
+               f"{e1:.1e} / triton {e2[0]:.1e}, auto {e2[1]:.1e}")
     # reshape_and_cache, copy_blocks
     for cdt in (torch.bfloat16, torch.float32, FP8):
         for bs in (16, 128):

@@ -22,6 +22,7 @@ from protocol.redis_conn import OUTAGE_ERRORS, Outage
 from protocol.job_store import set_job_status
 from protocol.jobs import JobMeta, JobStatus
 from gateway.listing import owner_index
+from gateway.output_mux import OUTAGE, OutputMux
 
 log = logging.getLogger("pagedfleet.gateway")
 
@@ -56,6 +57,7 @@ class FleetClient:
         self.settings = settings
         self._workers_cache: tuple[float, list[S.WorkerRegistration]] | None = None
         self._background: set[asyncio.Task] = set()
+        self.mux = OutputMux(redis)
 
     # ---- workers --------------------------------------------------------------------------------
     async def live_workers(self, fresh: bool = False) -> list[S.WorkerRegistration]:
@@ -128,11 +130,42 @@ class FleetClient:
         return task
 
     async def deltas(self, request_id: str, block: bool = True) -> AsyncIterator[RequestOutputDelta]:
-        """The request's output deltas from the start of its stream until the finished one.
+        """The request's output deltas from the start of its stream until the finished one, read by this
+        process's one reader of every followed stream (gateway/output_mux.py).
 
         With block=False, only what is already there (for assembling a finished job's result).
         """
         key = S.output_stream(request_id)
+        queue = self.mux.follow(key) if block else None
+        entries = self._queued_entries(request_id, key, queue) if queue is not None else \
+            self._read_entries(request_id, key, block)
+        try:
+            async for fields in entries:
+                delta = S.decode(fields, RequestOutputDelta)
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            if queue is not None:
+                self.mux.unfollow(key)
+
+    async def _queued_entries(self, request_id: str, key: str, queue: asyncio.Queue) -> AsyncIterator[dict]:
+        seen_output = False
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), self.settings.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise FleetError(f"request {request_id}: no output for {self.settings.request_timeout_s:.0f} s",
+                                 504) from None
+            if item is OUTAGE:  # the reader retries; this request must still be known when Redis is back
+                await self._wait_for_redis(request_id, key, seen_output)
+                continue
+            seen_output = True
+            yield item[1]
+
+    async def _read_entries(self, request_id: str, key: str, block: bool) -> AsyncIterator[dict]:
+        """The stream read by this request alone (a second follower of the same stream in this process, or
+        block=False)."""
         last = "0-0"
         idle_since = time.monotonic()
         while True:
@@ -157,10 +190,7 @@ class FleetClient:
             for _key, entries in resp:
                 for entry_id, fields in entries:
                     last = entry_id
-                    delta = S.decode(fields, RequestOutputDelta)
-                    yield delta
-                    if delta.finished:
-                        return
+                    yield fields
 
     async def _wait_for_redis(self, request_id: str, key: str, seen_output: bool) -> None:
         """Back off until Redis answers again; then the request must still be known to it (its output
@@ -210,6 +240,7 @@ class FleetClient:
             await p.execute()
 
     async def aclose(self) -> None:
+        await self.mux.aclose()
         for t in list(self._background):
             t.cancel()
         await self.redis.aclose()

@@ -10,12 +10,14 @@ from .fused_elementwise import (
     rotary,
     rotary_ref,
     silu_and_mul,
+    silu_and_mul_fp8,
     silu_and_mul_ref,
 )
 from .paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from .paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from .quantize_fp8 import quantize_fp8_rowwise, quantize_fp8_rowwise_ref
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+from .widen_pages import widen_pages, widen_pages_ref
 
 __all__ = [
     "add_rms_norm",
@@ -33,5 +35,8 @@ __all__ = [
     "rotary",
     "rotary_ref",
     "silu_and_mul",
+    "silu_and_mul_fp8",
     "silu_and_mul_ref",
+    "widen_pages",
+    "widen_pages_ref",
 ]

@@ -6,6 +6,9 @@
 - ``silu_and_mul(x)``: x [T, 2d] -> silu(x[:, :d]) * x[:, d:], [T, d]. torch: 2 kernels on strided halves.
 - ``add_rms_norm(x, residual, weight, eps)``: s = x + residual (rounded to x's dtype, as the torch add
   is), returns (rms_norm(s) * weight, s). torch: an add and the rms_norm kernel.
+- ``add_rms_norm(..., fp8=True)`` and ``silu_and_mul_fp8(x)``: the same, their output quantized per row
+  for an FP8 linear layer (bitwise what quantize_fp8_rowwise gives for the stored output): one pass less
+  per layer input.
 
 Each computes in float32 and rounds once at the store, so results can differ from the torch
 compositions (which round after every op in bf16/fp16) by an ulp of the storage dtype; in float32 they
@@ -20,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import kernel_for, next_pow2
+from .quantize_fp8 import quantize_row
 
 
 @triton.jit
@@ -118,8 +122,9 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
-                         stride_x, stride_r, stride_o, stride_ro, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, n, eps,
+                         stride_x, stride_r, stride_o, stride_ro, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr,
+                         SOFT_FP8_ROUND: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -131,12 +136,19 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
     var = tl.sum(sf * sf, axis=0) / n
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = sf * tl.rsqrt(var + eps) * w
-    tl.store(out_ptr + t * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:  # quantized as quantize_fp8_rowwise would the stored row (rounded to x's dtype first)
+        q, scale = quantize_row(y.to(x_ptr.dtype.element_ty).to(tl.float32), SOFT_FP8_ROUND)
+        tl.store(out_ptr + t * stride_o + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + t, scale)
+    else:
+        tl.store(out_ptr + t * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual) * weight, x + residual) for x, residual [T, n]; new tensors."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 fp8: bool = False) -> tuple:
+    """(rms_norm(x + residual) * weight, x + residual) for x, residual [T, n]; new tensors. ``fp8``: the
+    first part as quantize_fp8_rowwise gives it, (float8_e4m3fn [T, n], float32 scale [T, 1]), the input of
+    an FP8 linear layer without a pass of its own."""
     n = x.shape[-1]
     x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -144,14 +156,49 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     if r2.stride(-1) != 1:
         r2 = r2.contiguous()
     T = x2.shape[0]
-    out = torch.empty((T, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((T, n), dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device) if fp8 else out
     res = torch.empty((T, n), dtype=x.dtype, device=x.device)
     if T:
         block = next_pow2(n)
         kernel_for(_add_rms_norm_kernel, x.device)[(T,)](
-            x2, r2, weight, out, res, n, float(eps), x2.stride(0), r2.stride(0), out.stride(0), res.stride(0),
-            BLOCK=block, num_warps=8 if block >= 4096 else 4)
+            x2, r2, weight, out, res, scale, n, float(eps), x2.stride(0), r2.stride(0), out.stride(0), res.stride(0),
+            BLOCK=block, FP8_OUT=fp8, SOFT_FP8_ROUND=x.device.type == "cpu", num_warps=8 if block >= 4096 else 4)
+    if fp8:
+        return (out, scale), res.view(x.shape)
     return out.view(x.shape), res.view(x.shape)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, d, stride_xt, stride_ot, BLOCK: tl.constexpr,
+                             SOFT_FP8_ROUND: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < d
+    g = tl.load(x_ptr + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + t * stride_xt + d + offs, mask=mask, other=0.0).to(tl.float32)
+    o = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)  # as silu_and_mul stores it
+    q, scale = quantize_row(o, SOFT_FP8_ROUND)
+    tl.store(out_ptr + t * stride_ot + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + t, scale)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_rowwise(silu_and_mul(x)) in one pass, one row per program: x [T, 2d] ->
+    (float8_e4m3fn [T, d], float32 scale [T, 1])."""
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    out = torch.empty((T, d), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    if T:
+        block = next_pow2(d)
+        kernel_for(_silu_and_mul_fp8_kernel, x.device)[(T,)](
+            x2, out, scale, d, x2.stride(0), out.stride(0), BLOCK=block, SOFT_FP8_ROUND=x.device.type == "cpu",
+            num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+    return out, scale
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -160,4 +207,5 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     return F.rms_norm(s, weight.shape, weight, eps), s
 
 
-__all__ = ["rotary", "rotary_ref", "silu_and_mul", "silu_and_mul_ref", "add_rms_norm", "add_rms_norm_ref"]
+__all__ = ["rotary", "rotary_ref", "silu_and_mul", "silu_and_mul_fp8", "silu_and_mul_ref", "add_rms_norm",
+           "add_rms_norm_ref"]

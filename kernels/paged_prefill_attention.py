@@ -31,6 +31,7 @@ from ._common import (
     compute_mode,
     dot_precision,
     gather_context_ref,
+    is_fp8,
     kernel_for,
     kv_scales,
     next_pow2,
@@ -198,15 +199,26 @@ def _default_config(device: torch.device, head_dim: int, qpk: int, dtype: torch.
     return 256, 64, 8, 3
 
 
-def _use_sm90(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """The Gluon kernel serves the Hopper calls it supports unless PAGEDFLEET_SM90_PREFILL=0."""
+# FP8 caches widened for the Gluon kernel (K + V of one call): past this (say, a whole mixed batch's contexts
+# in one call) the Triton kernel reads the FP8 pages itself
+WIDEN_MAX_BYTES = 1 << 28
+
+
+def _sm90_form(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> str | None:
+    """How the Gluon kernel serves this call on Hopper: "direct", "widened" (FP8 caches, kernels/widen_pages.py)
+    or None (the Triton kernel; always with PAGEDFLEET_SM90_PREFILL=0)."""
     if os.environ.get("PAGEDFLEET_SM90_PREFILL", "1") == "0" or q.device.type != "cuda":
-        return False
+        return None
     try:
         from .paged_prefill_attention_sm90 import supports
     except ImportError:  # a Triton without Gluon
-        return False
-    return supports(q, k_cache, v_cache)
+        return None
+    if supports(q, k_cache, v_cache):
+        return "direct"
+    widened_bytes = 2 * block_tables.numel() * k_cache[0].numel() * q.element_size()
+    if is_fp8(k_cache.dtype) and widened_bytes <= WIDEN_MAX_BYTES and supports(q, k_cache, v_cache, widened=True):
+        return "widened"
+    return None
 
 
 def paged_prefill_attention(
@@ -241,10 +253,17 @@ def paged_prefill_attention(
         raise ValueError(f"unknown prefill kernel {kernel!r}")
     tile_config = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     # a tile configuration given with "auto" is one of this kernel's (the Gluon kernel has its own knobs)
-    auto_sm90 = kernel == "auto" and all(v is None for v in tile_config.values()) and _use_sm90(q, k_cache, v_cache)
-    if kernel == "sm90" or auto_sm90:
+    form = None
+    if kernel == "sm90" or (kernel == "auto" and all(v is None for v in tile_config.values())):
+        form = _sm90_form(q, k_cache, v_cache, block_tables) or ("direct" if kernel == "sm90" else None)
+    if form is not None:
         from .paged_prefill_attention_sm90 import paged_prefill_attention_sm90
 
+        if form == "widened":
+            from .widen_pages import widen_pages
+
+            k_cache, v_cache, block_tables = widen_pages(k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale,
+                                                         q.dtype)
         cfg = {k: v for k, v in dict(block_n=block_n, num_stages=num_stages).items() if v is not None}
         return paged_prefill_attention_sm90(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                             out=out, **cfg)

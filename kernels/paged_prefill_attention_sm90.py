@@ -20,8 +20,8 @@ the QPK query heads of one KV head (row r = token r // QPK, head r % QPK), so a 
 group. K/V are read through the block table page by page (TMA boxes of min(page, BLOCK_N) rows of a 2-D
 view of the cache); pages past the context are pointed past the end of that view, which TMA fills with
 zeros; slots past the context inside its last page are masked out of the scores and zeroed in the V tile
-(whatever they hold, NaN included). bf16 / fp16, head_dim 64 or 128, contiguous caches; everything else
-uses the Triton kernel.
+(whatever they hold, NaN included). bf16 / fp16, head_dim 64 or 128, contiguous caches (FP8 caches are
+widened to q's dtype first, kernels/widen_pages.py); everything else uses the Triton kernel.
 """
 from __future__ import annotations
 
@@ -259,10 +259,12 @@ def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None) -> bool:
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None, *,
+             widened: bool = False) -> bool:
     """Whether this kernel serves the call: Hopper; bf16/fp16 q and caches; head_dim 64 or 128; a GQA ratio
     dividing the 128-row tile; blocks of at least 8 tokens (a TMA box of whole 128-byte swizzle rows); caches
-    laid out [num_blocks, block_size, num_kv_heads, head_dim] contiguously (the TMA view)."""
+    laid out [num_blocks, block_size, num_kv_heads, head_dim] contiguously (the TMA view). `widened`: whether
+    it would serve the caches once widened to q's dtype (kernels/widen_pages.py), whatever their dtype."""
     if q.device.type != "cuda" or not _is_hopper(q.device.index if q.device.index is not None else
                                                  torch.cuda.current_device()):
         return False
@@ -270,10 +272,10 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | Non
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         return False
     num_q_heads, num_kv_heads, block_size = q.shape[1], k_cache.shape[2], k_cache.shape[1]
-    return (q.dtype in _GL_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
-            and q.shape[-1] in (64, 128) and num_q_heads % num_kv_heads == 0
-            and (2 * ROWS_PER_WARPGROUP) % (num_q_heads // num_kv_heads) == 0 and block_size >= 8
-            and k_cache.is_contiguous() and v_cache.is_contiguous())
+    layout_ok = widened or (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.is_contiguous()
+                            and v_cache.is_contiguous())
+    return (q.dtype in _GL_DTYPES and layout_ok and q.shape[-1] in (64, 128) and num_q_heads % num_kv_heads == 0
+            and (2 * ROWS_PER_WARPGROUP) % (num_q_heads // num_kv_heads) == 0 and block_size >= 8)
 
 
 @functools.lru_cache(maxsize=None)

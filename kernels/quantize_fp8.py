@@ -15,16 +15,24 @@ FP8_E4M3_MAX = 448.0
 
 
 @triton.jit
+def quantize_row(x, SOFT_FP8_ROUND: tl.constexpr):
+    """fp32 row x (padding lanes 0) -> (its values / scale on the e4m3 grid, as fp32; scale). Also the epilogue
+    of the fused kernels that feed an FP8 linear layer (fused_elementwise.py)."""
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)
+    y = tl.clamp(x / scale, -448.0, 448.0)  # the division can round one ulp past the largest value
+    if SOFT_FP8_ROUND:  # the CPU interpreter's own cast truncates (see reshape_and_cache)
+        y = _round_to_e4m3_grid(y)
+    return y, scale
+
+
+@triton.jit
 def _quantize_fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, cols, stride_x, stride_o, BLOCK: tl.constexpr,
                                  SOFT_FP8_ROUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)
-    y = tl.clamp(x / scale, -448.0, 448.0)  # the division can round one ulp past the largest value
-    if SOFT_FP8_ROUND:  # the CPU interpreter's own cast truncates (see reshape_and_cache)
-        y = _round_to_e4m3_grid(y)
+    y, scale = quantize_row(x, SOFT_FP8_ROUND)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -170,6 +170,31 @@ def test_paged_prefill_fp8_and_small_tiles():
         assert _rel_err(out, ref) < 1e-2, kw
 
 
+def test_widened_fp8_pages_give_the_fp8_attention():
+    """kernels.widen_pages (how the Hopper prefill kernel takes FP8 caches): each sequence's pages, widened to
+    bf16 and rescaled into its own stretch of a compact cache, give the attention over the FP8 caches; the
+    table's padding (NaN blocks, a value that is no block) is never read."""
+    gen = torch.Generator().manual_seed(6)
+    bs, num_kv_heads, gqa = 16, 2, 2
+    ks, vs = 0.03, 0.01
+    lens, qlens = [40, 17, 70], [40, 17, 9]
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, FP8, gen=gen, fp8_scale=ks)
+    wk, wv, wbt = kernels.widen_pages(k, v, bt, sl, ks, vs, torch.bfloat16)
+    rk, rv, rbt = kernels.widen_pages_ref(k, v, bt, sl, ks, vs, torch.bfloat16)
+    assert torch.equal(wbt, rbt) and wk.dtype == torch.bfloat16
+    width = bt.shape[1]
+    for s, n in enumerate(lens):  # each sequence's tokens (1 ulp: the CPU interpreter's bf16 cast truncates)
+        pages = slice(s * width, s * width + -(-n // bs))
+        for w, r in ((wk, rk), (wv, rv)):
+            torch.testing.assert_close(w[pages].flatten(0, 1)[:n], r[pages].flatten(0, 1)[:n], rtol=2**-7, atol=0)
+    qsl = torch.tensor(np.concatenate([[0], np.cumsum(qlens)]), dtype=torch.int32)
+    q = torch.randn((int(qsl[-1]), num_kv_heads * gqa, HEAD_DIM), generator=gen).bfloat16()
+    ref = kernels.paged_prefill_attention_ref(q, k, v, bt, sl, qsl, 40, 0.125, k_scale=ks, v_scale=vs,
+                                              out_dtype=torch.float64)
+    out = kernels.paged_prefill_attention(q, wk, wv, wbt, sl, qsl, 40, 0.125)
+    assert _rel_err(out, ref) < 1e-2
+
+
 def test_prefill_equals_decode_for_single_tokens():
     gen = torch.Generator().manual_seed(9)
     bs, num_kv_heads, gqa = 16, 2, 4
@@ -249,16 +274,17 @@ def test_copy_blocks_matches_reference(dtype):
 # ------------------------------------------------------------------------------------------------ backend
 
 
-@pytest.mark.parametrize("decode_only", [True, False])
-def test_triton_backend_matches_torch_backend(decode_only):
+@pytest.mark.parametrize("qlens", [[1, 1, 1, 1], [1, 16, 5, 1], [1, 1, 16, 5]])
+def test_triton_backend_matches_torch_backend(qlens):
+    """Decode-only, and mixed steps whose leading decodes take the decode kernel and the rest the prefill one."""
     from gpu_worker.attention.metadata import AttentionMetadata
     from gpu_worker.attention.torch_backend import TorchAttentionBackend
     from gpu_worker.attention.triton_backend import TritonAttentionBackend
 
-    gen = torch.Generator().manual_seed(77 + decode_only)
+    gen = torch.Generator().manual_seed(77 + sum(qlens))
     bs, num_kv_heads, gqa, num_blocks = 16, 2, 4, 24
     seq_lens = [1, 16, 17, 40]
-    qlens = [1, 1, 1, 1] if decode_only else [1, 16, 5, 1]
+    decode_only = max(qlens) == 1
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables, i = [], 0
     for n in seq_lens:
@@ -282,6 +308,7 @@ def test_triton_backend_matches_torch_backend(decode_only):
         backend.write_kv(key, value, kv[0, 0], kv[0, 1], meta)
         outs.append(backend.forward(query, kv[0, 0], kv[0, 1], meta, HEAD_DIM**-0.5))
     assert torch.equal(caches[0], caches[1])
+    assert ("split" in meta.extras) == (not decode_only)  # the mixed steps did take both kernels
     assert _rel_err(outs[1], outs[0]) < 1e-2
 
 
@@ -378,3 +405,22 @@ def test_quantize_fp8_rowwise_matches_reference(dtype):
     back = q.double() * s.double()
     assert ((back - x.double()).norm() / x.double().norm()).item() < 0.05  # e4m3: 3 mantissa bits
     assert q[2].float().abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fp8_outputs_equal_quantizing_the_unfused_ones(dtype):
+    """add_rms_norm(fp8=True) and silu_and_mul_fp8 (an FP8 linear layer's input in the kernel that makes it):
+    bitwise the quantize_fp8_rowwise of what add_rms_norm and silu_and_mul store."""
+    gen = torch.Generator().manual_seed(22)
+    x = (torch.randn((5, 96), generator=gen) * torch.logspace(-2, 2, 5)[:, None]).to(dtype)
+    res = torch.randn((5, 96), generator=gen).to(dtype)
+    w = torch.randn(96, generator=gen).to(dtype)
+    (q, s), r = kernels.add_rms_norm(x, res, w, 1e-5, fp8=True)
+    y, r_plain = kernels.add_rms_norm(x, res, w, 1e-5)
+    q_ref, s_ref = kernels.quantize_fp8_rowwise(y)
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(r, r_plain) and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    gu = (torch.randn((5, 2 * 80), generator=gen) * 3).to(dtype)
+    q, s = kernels.silu_and_mul_fp8(gu)
+    q_ref, s_ref = kernels.quantize_fp8_rowwise(kernels.silu_and_mul(gu))
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

@@ -12,6 +12,8 @@ step reads and twice the dense rate of a prefill, as vLLM's dynamic FP8 does."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,14 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
         self.packed = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether the layer before may hand this one its output quantized (an `FP8Input`)."""
+        return self.weight_fp8 is not None
+
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, FP8Input):
+            return x.matmul(self.weight_fp8, self.weight_scale)
         if self.weight_fp8 is not None:
             return linear_fp8(x, self.weight_fp8, self.weight_scale)
         if self.packed is not None:
@@ -97,6 +106,23 @@ def prepack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def linear_prepacked(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x @ weight.T with a `prepack_cpu_weight` weight (the op PyTorch Inductor's CPU backend uses)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+class FP8Input(NamedTuple):
+    """An FP8 linear layer's input quantized by the kernel that produced it (the fused add_rms_norm and
+    silu_and_mul on CUDA): [rows, cols] float8_e4m3fn, its per-row float32 scale, the output dtype."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def matmul(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(self.data, weight_fp8.t(), scale_a=self.scale, scale_b=weight_scale,
+                                out_dtype=self.dtype, use_fast_accum=True)
 
 
 def linear_fp8(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x):
-        out = self.down_proj(self.act(self.gate_up_proj(x)))
+        out = self.down_proj(self.act(self.gate_up_proj(x), fp8=self.down_proj.takes_fp8))
         return distributed.all_reduce(out) if self.tp > 1 else out
 
 
@@ -139,9 +139,9 @@ class LlamaDecoderLayer(nn.Module):
             residual = x
             h = self.input_layernorm(x)
         else:
-            h, residual = self.input_layernorm(x, residual)
+            h, residual = self.input_layernorm(x, residual, fp8=self.self_attn.qkv_proj.takes_fp8)
         h = self.self_attn(rope, h, kv_cache, meta, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(h, residual, fp8=self.mlp.gate_up_proj.takes_fp8)
         return self.mlp(h), residual
 
 
