@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from model_io.grammar import SeqGrammar
+from model_io.grammar import SeqGrammar, matchers_of
 
 
 class GrammarMasks:
@@ -34,7 +34,7 @@ class GrammarMasks:
     def _fill(grammars: list[SeqGrammar], vocab_size: int) -> torch.Tensor:
         import llguidance.torch as lt
 
-        matchers = [g.matcher() for g in grammars]  # may wait for a compile: here, not on the step loop
+        matchers = matchers_of(grammars, _executor())  # may wait for a compile: here, not on the step loop
         bitmask = torch.full(lt.get_bitmask_shape(len(matchers), vocab_size), -1, dtype=torch.int32)
         live = [(m, i) for i, m in enumerate(matchers) if not m.is_error()]
         if live:

@@ -103,6 +103,17 @@ class SeqGrammar:
         self._later.append((source, index))
 
     def matcher(self):
+        m = self._own()
+        if self._later:
+            later, self._later = self._later, []
+            for source, index in later:
+                if not m.is_error():
+                    m.consume_token(source.host_tokens()[index])
+        return m
+
+    def _own(self):
+        """The sequence's own matcher (copied from the compiled template at first use), without the tokens
+        still in ``_later``."""
         if self._m is None:
             try:
                 self._m = self._template.result().deep_copy()
@@ -112,15 +123,31 @@ class SeqGrammar:
             if self._pending:  # a recomputed sequence: its earlier tokens
                 self._m.consume_tokens(self._pending)
                 self._pending = []
-        if self._later:
-            later, self._later = self._later, []
-            for source, index in later:
-                if not self._m.is_error():
-                    self._m.consume_token(source.host_tokens()[index])
         return self._m
 
     def copy(self) -> "SeqGrammar":
         return SeqGrammar(None, [], self.matcher().deep_copy())
+
+
+def matchers_of(grammars: Sequence[SeqGrammar], executor) -> list:
+    """Every grammar's matcher, each with the tokens it has not consumed yet: a step's one token per sequence
+    in one parallel call (``LLExecutor.consume_token_par``, outside the GIL) instead of a call per sequence."""
+    matchers, pairs = [], []
+    for g in grammars:
+        later = g._later
+        if len(later) > 1:  # more than one step behind (rare): in order, one by one
+            matchers.append(g.matcher())
+            continue
+        m = g._own()
+        matchers.append(m)
+        if later:
+            g._later = []
+            source, index = later[0]
+            if not m.is_error():
+                pairs.append((m, source.host_tokens()[index]))
+    if pairs:
+        executor.consume_token_par(pairs)
+    return matchers
 
 
 class _Failed:

@@ -120,19 +120,26 @@ def _loaded(cfg, reqs):
     return s, w
 
 
-@pytest.mark.xfail(strict=False, reason="known: a group stopped for outgrowing the whole pool (finish 'length') "
-                   "can end one token apart pipelined vs synchronous (hypothesis found it on CI, "
-                   "2026-12-01); the fleet pipelines by default all the same (docs/fleet.md)")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=lp.configs, reqs=st.lists(lp.arrivals, min_size=1, max_size=10), lookahead=st.sampled_from([1, 2]))
 def test_pipelined_ledger_runs_equal_synchronous(cfg, reqs, lookahead):
+    """Pipelined = synchronous, token for token and reason for reason, except (known, docs/fleet.md) the last
+    tokens of a group stopped for outgrowing the whole pool: it ends 'length' short of its max_tokens, and
+    pipelined it may end a token apart (one plan more was in flight when the pool ran out)."""
     runs = []
     for pipelined in (False, True):
         s, w = _loaded(cfg, reqs)
         out = drive_pipelined(s, w, lookahead) if pipelined else drive(s, w)[:2]
         lp.assert_all_free(s)
         runs.append(out)
-    assert runs[0] == runs[1]
+    (tok_a, why_a), (tok_b, why_b) = runs
+    assert tok_a.keys() == tok_b.keys() and why_a.keys() == why_b.keys()
+    max_tokens = {f"r{i}": a[3] for i, a in enumerate(reqs)}
+    for rid in tok_a:
+        pool_stop = any(why.get(rid, {}).get(i) == "length" and len(t) < max_tokens[rid]
+                        for why, toks in ((why_a, tok_a), (why_b, tok_b)) for i, t in toks[rid].items())
+        if not pool_stop:
+            assert tok_a[rid] == tok_b[rid] and why_a.get(rid) == why_b.get(rid), rid
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
