@@ -45,7 +45,7 @@ def decode_sweep(configs: dict, shapes) -> list[dict]:
             q = torch.randn((batch, HQ, D), device=DEV, dtype=torch.bfloat16)
             nbytes = 2 * sum(lens) * HKV * D * kv.element_size()
             ref = None
-            for bn, nw, ns in [None] + configs["fp8" if fp8 else "bf16"]:
+            for bn, nw, ns in [(None, None, None)] + configs["fp8" if fp8 else "bf16"]:
                 cfg = {} if bn is None else dict(block_n=bn, num_warps=nw, num_stages=ns)
                 out = torch.empty_like(q)
                 fn = lambda: kernels.paged_decode_attention(q, kv[0, 0], kv[0, 1], bt, sl, D**-0.5, out=out,  # noqa: E731

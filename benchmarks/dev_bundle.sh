@@ -9,7 +9,7 @@ mkdir -p .dev/whl .dev/site .dev/smoltok
 PKGS="pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
 pydantic-settings==2.16.3 python-dotenv==1.2.4 msgspec==0.23.0 redis==8.1.0 fastapi==0.165.0 starlette==1.10.0
 annotated-doc==0.0.7 opentelemetry-api==1.45.2 uvicorn==0.54.0 h11==0.16.0 llguidance==1.9.1
-gguf==0.19.0 python-multipart==0.0.34"
+gguf==0.19.0 python-multipart==0.0.34 hiredis==3.5.0"
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 --platform any -d .dev/whl $PKGS

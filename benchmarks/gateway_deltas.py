@@ -30,13 +30,14 @@ from protocol import streams as S  # noqa: E402
 
 def produce(url: str, n: int, steps: int, tag: str) -> None:
     r = redis.Redis.from_url(url)
+    fields = [[S.encode(RequestOutputDelta(request_id=f"{tag}{i}", finished=step == steps - 1, outputs=[
+        SequenceOutputDelta(index=0, token_ids=[step], finish_reason="length" if step == steps - 1 else None)]))
+        for i in range(n)] for step in range(steps)]  # encoded first: the scheduler's work, not the gateway's
+    keys = [S.output_stream(f"{tag}{i}") for i in range(n)]
     for step in range(steps):
-        last = step == steps - 1
         p = r.pipeline(transaction=False)
-        for i in range(n):
-            d = RequestOutputDelta(request_id=f"{tag}{i}", finished=last, outputs=[SequenceOutputDelta(
-                index=0, token_ids=[step], finish_reason="length" if last else None)])
-            p.xadd(S.output_stream(f"{tag}{i}"), S.encode(d))
+        for key, f in zip(keys, fields[step]):
+            p.xadd(key, f)
         p.execute()
         while int(r.get(f"progress:{tag}") or -1) < step - 1:  # one step ahead of the reader at most
             time.sleep(0.0002)

@@ -27,6 +27,14 @@ from gateway.output_mux import OUTAGE, OutputMux
 log = logging.getLogger("pagedfleet.gateway")
 
 
+async def _get(queue: asyncio.Queue, timeout_s: float):
+    """queue.get() within timeout_s: asyncio.timeout where there is one (3.11+; wait_for made a task per delta)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout_s):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), timeout_s)
+
+
 def job_index(owner: str) -> str:
     return owner_index("jobs", owner)
 
@@ -152,11 +160,14 @@ class FleetClient:
     async def _queued_entries(self, request_id: str, key: str, queue: asyncio.Queue) -> AsyncIterator[dict]:
         seen_output = False
         while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), self.settings.request_timeout_s)
-            except asyncio.TimeoutError:
-                raise FleetError(f"request {request_id}: no output for {self.settings.request_timeout_s:.0f} s",
-                                 504) from None
+            if queue.empty():
+                try:
+                    item = await _get(queue, self.settings.request_timeout_s)
+                except (TimeoutError, asyncio.TimeoutError):
+                    raise FleetError(f"request {request_id}: no output for {self.settings.request_timeout_s:.0f} s",
+                                     504) from None
+            else:
+                item = queue.get_nowait()
             if item is OUTAGE:  # the reader retries; this request must still be known when Redis is back
                 await self._wait_for_redis(request_id, key, seen_output)
                 continue

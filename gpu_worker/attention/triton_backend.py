@@ -37,7 +37,7 @@ class TritonAttentionBackend(AttentionBackend):
         width = -(-int(lens[n:].max()) // meta.block_size)  # the prefill sequences' widest table
         meta.extras["split"] = (
             n,
-            (meta.block_tables[:n], meta.seq_lens[:n], int(lens[:n].max())),
+            (meta.block_tables[:n], meta.seq_lens[:n]),
             (meta.block_tables[n:, :width], meta.seq_lens[n:], meta.query_start_loc[n:] - n),
         )
 
@@ -56,10 +56,12 @@ class TritonAttentionBackend(AttentionBackend):
             return k.paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                              meta.query_start_loc, meta.max_query_len, scale, k_scale=k_scale,
                                              v_scale=v_scale)
-        n, (d_bt, d_lens, d_max), (p_bt, p_lens, p_qsl) = split
+        n, (d_bt, d_lens), (p_bt, p_lens, p_qsl) = split
         out = torch.empty_like(query)
+        # one KV split whatever n: the kernel variant a CUDA graph of a large batch compiled already (a split
+        # count per n would compile new variants on the step loop), and the prefill part outweighs the decodes
         k.paged_decode_attention(query[:n], k_cache, v_cache, d_bt, d_lens, scale, out=out[:n], k_scale=k_scale,
-                                 v_scale=v_scale, max_seq_len=d_max)
+                                 v_scale=v_scale, num_splits=1)
         k.paged_prefill_attention(query[n:], k_cache, v_cache, p_bt, p_lens, p_qsl, meta.max_query_len, scale,
                                   out=out[n:], k_scale=k_scale, v_scale=v_scale)
         return out
