@@ -156,6 +156,7 @@ class FleetClient:
         finally:
             if queue is not None:
                 self.mux.unfollow(key)
+            await entries.aclose()
 
     async def _queued_entries(self, request_id: str, key: str, queue: asyncio.Queue) -> AsyncIterator[dict]:
         seen_output = False
