@@ -309,6 +309,9 @@ def test_triton_backend_matches_torch_backend(qlens):
         outs.append(backend.forward(query, kv[0, 0], kv[0, 1], meta, HEAD_DIM**-0.5))
     assert torch.equal(caches[0], caches[1])
     assert ("split" in meta.extras) == (not decode_only)  # the mixed steps did take both kernels
+    if not decode_only:  # every tensor a kernel gets is 16-byte aligned: one compiled variant for any split
+        _, decode_part, prefill_part = meta.extras["split"]
+        assert all(t.data_ptr() % 16 == 0 for t in (*decode_part, *prefill_part))
     assert _rel_err(outs[1], outs[0]) < 1e-2
 
 

@@ -33,12 +33,13 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.is_decode_only or q_lens is None or not len(q_lens) or q_lens[0] != 1:
             return
         n = int(np.argmax(q_lens != 1))  # leading one-token sequences (some sequence has more: not decode-only)
-        lens = meta.seq_lens_cpu
-        width = -(-int(lens[n:].max()) // meta.block_size)  # the prefill sequences' widest table
+        width = -(-int(meta.seq_lens_cpu[n:].max()) // meta.block_size)  # the prefill sequences' widest table
+        # the prefill part's tensors copied, not sliced: a slice starting at row n is 16-byte aligned or not
+        # with n, and Triton compiles a kernel variant per pointer alignment (on the step loop, seconds each)
         meta.extras["split"] = (
             n,
             (meta.block_tables[:n], meta.seq_lens[:n]),
-            (meta.block_tables[n:, :width], meta.seq_lens[n:], meta.query_start_loc[n:] - n),
+            (meta.block_tables[n:, :width].clone(), meta.seq_lens[n:].clone(), meta.query_start_loc[n:] - n),
         )
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
