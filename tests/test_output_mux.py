@@ -12,14 +12,11 @@ import pytest
 from gateway import output_mux
 from gateway.output_mux import OUTAGE, OutputMux
 from protocol.redis_conn import async_client
-from redis_process import DurableRedis
 
 
 @pytest.fixture
-def srv(tmp_path):
-    s = DurableRedis(tmp_path / "redis")
-    yield s
-    s.close()
+def srv(durable_redis):  # conftest.py
+    return durable_redis
 
 
 def _client(srv):

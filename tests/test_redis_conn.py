@@ -13,16 +13,13 @@ import pytest
 import redis
 
 from protocol.redis_conn import async_client, client_options, retry_forever, retry_forever_sync, sync_client
-from redis_process import DurableRedis
 
 STALL_S = 5.0
 
 
 @pytest.fixture
-def srv(tmp_path):
-    s = DurableRedis(tmp_path / "redis")
-    yield s
-    s.close()
+def srv(durable_redis):  # conftest.py
+    return durable_redis
 
 
 class Seen(logging.Handler):

@@ -5,14 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from redis_process import DurableRedis
-
-
-@pytest.fixture
-def durable_redis(tmp_path):
-    srv = DurableRedis(tmp_path / "redis")
-    yield srv
-    srv.close()
 
 
 def test_serve_runs_redis_with_an_append_only_file(tmp_path):

@@ -121,8 +121,10 @@ class FP8Input(NamedTuple):
         return self.data.shape
 
     def matmul(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        # fast accumulation on CUDA: 1.1-2x faster at decode sizes on an H100, and its error (2e-3 of the
+        # product, measured) is a tenth of the FP8 rounding's (3.7e-2)
         return torch._scaled_mm(self.data, weight_fp8.t(), scale_a=self.scale, scale_b=weight_scale,
-                                out_dtype=self.dtype, use_fast_accum=True)
+                                out_dtype=self.dtype, use_fast_accum=self.data.is_cuda)
 
 
 def linear_fp8(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -136,8 +138,5 @@ def linear_fp8(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
     else:
         from kernels.quantize_fp8 import quantize_fp8_rowwise_ref as quantize
     x_fp8, x_scale = quantize(x2 if x2.stride(-1) == 1 else x2.contiguous())
-    # fast accumulation: 1.1-2x faster at decode sizes on an H100, and its error (2e-3 of the product, measured)
-    # is a tenth of the FP8 rounding's (3.7e-2)
-    out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype,
-                           use_fast_accum=x.is_cuda)
+    out = FP8Input(x_fp8, x_scale, x.dtype).matmul(weight_fp8, weight_scale)
     return out.reshape(*shape[:-1], weight_fp8.shape[0])
