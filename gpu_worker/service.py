@@ -38,6 +38,7 @@ from protocol import streams as S
 from gpu_worker.drain import Drain
 from gpu_worker.publisher import ResultPublisher
 from gpu_worker.settings import WorkerSettings
+from protocol.heap import freeze_heap
 from protocol.redis_conn import Outage, retry_forever_sync, sync_client
 
 log = logging.getLogger("pagedfleet.worker")
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     metrics_url = svc.start_metrics()
+    freeze_heap()  # the model, torch and the CUDA graphs: out of the full collections of the step loop
     svc.register(metrics_url)
     hb = threading.Thread(target=svc.heartbeat_loop, name="heartbeat", daemon=True)
     hb.start()

@@ -8,13 +8,13 @@ output deltas and applies stop strings (which need text, so the scheduler cannot
 from __future__ import annotations
 
 import collections
-import gc
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import GenerationRequest, RequestOutputDelta, SamplingParams
+from protocol.heap import freeze_heap
 from model_io.output_processor import RequestOutputProcessor
 from pagedfleet.outputs import RequestOutput
 
@@ -40,9 +40,8 @@ class EngineConfig:
     preemption_mode: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks of the worker group (gpu_worker/tp_group.py): 1 + N-1 spawned processes
-    # gc.collect() then gc.freeze() once the engine is built: the ~10^5 objects of torch, the model and the
-    # other libraries move to the permanent generation, so a full collection (triggered every few dozen
-    # steps by the per-step messages) no longer walks them: ~100 ms each on a busy CPU, ~2 ms per step
+    # protocol/heap.py freeze_heap() once the engine is built: full collections stop walking torch, the model
+    # and the libraries (~100 ms each on a busy CPU, every few dozen steps)
     freeze_gc: bool = True
     # pipelined scheduling (scheduler/lookahead.py): plan step N+1 while the GPU runs step N, launched without
     # waiting for its tokens (ModelRunner.launch); ``lookahead`` plans ahead at most (1: two plans in flight).
@@ -109,8 +108,7 @@ class LLMEngine:
         self._max_in_flight = 1 + (config.lookahead if config.pipeline else 0)
         self._in_flight: collections.deque = collections.deque()  # the plans launched (their result()), oldest first
         if config.freeze_gc:
-            gc.collect()
-            gc.freeze()
+            freeze_heap()
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -92,6 +92,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="workers' device")
     p.add_argument("--host", default="0.0.0.0", help="gateway bind address")
     p.add_argument("--port", type=int, default=8000, help="gateway port")
+    p.add_argument("--api-server-count", "--gateway-processes", dest="gateway_processes", type=int, default=None,
+                   help="gateway processes sharing the port (vLLM's --api-server-count): one takes in ~10k "
+                        "output tokens/s")
     p.add_argument("--api-key", action="append", default=None,
                    help="a key clients must send (Authorization: Bearer KEY); repeat for several; given to the "
                         "gateway through its environment (PAGEDFLEET_API_KEYS), never on a command line")
@@ -223,7 +226,8 @@ def build_processes(args: argparse.Namespace, model_dir: str | None, served_name
     # --model: the name the workers register under is one of the gateway's aliases
     procs["gateway"] = f"{py} -m gateway.app" + _flags(
         host=args.host, port=args.port, model=model_of(args) or served_name,
-        model_dir=model_dir, served_model_name=args.served_model_name or served_name, log_level=args.log_level)
+        model_dir=model_dir, served_model_name=args.served_model_name or served_name, log_level=args.log_level,
+        processes=args.gateway_processes)
     if args.api_key:
         env["PAGEDFLEET_API_KEYS"] = ",".join(args.api_key)
     env["PAGEDFLEET_SCHEDULER_URL"] = f"http://127.0.0.1:{args.scheduler_port}"

@@ -101,12 +101,14 @@ def _stop(proc: subprocess.Popen, timeout: float = 8.0) -> None:
 class Fleet:
     def __init__(self, workdir: Path, num_workers: int = 1, num_gpu_blocks: int = 512, max_model_len: int = 2048,
                  housekeeping: bool = False, env: dict | None = None, scheduler_args: list[str] = (),
-                 worker_args: list[str] = ()):
-        """``scheduler_args`` / ``worker_args``: extra command-line options of the scheduler service and of
-        every worker (e.g. ``["--preemption-mode", "swap"]``, ``["--num-cpu-blocks", "64"]``)."""
+                 worker_args: list[str] = (), gateway_args: list[str] = ()):
+        """``scheduler_args`` / ``worker_args`` / ``gateway_args``: extra command-line options of the scheduler
+        service, of every worker and of the gateway (e.g. ``["--preemption-mode", "swap"]``,
+        ``["--num-cpu-blocks", "64"]``, ``["--processes", "2"]``)."""
         self.workdir = workdir
         self.scheduler_args = list(scheduler_args)
         self.worker_args = list(worker_args)
+        self.gateway_args = list(gateway_args)
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(workdir / "redis")
         self.num_gpu_blocks = num_gpu_blocks
@@ -183,7 +185,7 @@ class Fleet:
         port = port or self.gateway_port
         return self.start(name, [PY, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(port),
                                       "--model-dir", self.model_dir, "--served-model-name", "smollm2-135m-instruct",
-                                      "--model", "smollm2-135m-instruct"])
+                                      "--model", "smollm2-135m-instruct"] + self.gateway_args)
 
     def wait_ready(self, num_workers: int, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout

@@ -6,13 +6,16 @@ transfers timed on the worker), and a worker started later is discovered and scr
 configuration.
 
 The pool is small (NUM_GPU_BLOCKS) and the scheduler preempts by swapping, so the swap workload must
-swap sequences out to the CPU and back in."""
+swap sequences out to the CPU and back in. The gateway runs as two processes on one port (`--processes 2`):
+its /metrics adds up both, so the request counts must still match the workload exactly."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import shutil
 import socket
 import subprocess
@@ -55,7 +58,7 @@ def free_port() -> int:
 def fleet(tmp_path_factory):
     yield from module_fleet(tmp_path_factory, "obs-fleet", log_lines=20, num_workers=1, num_gpu_blocks=NUM_GPU_BLOCKS,
                             max_model_len=1024, housekeeping=False, scheduler_args=["--preemption-mode", "swap"],
-                            worker_args=["--num-cpu-blocks", str(NUM_CPU_BLOCKS)])
+                            worker_args=["--num-cpu-blocks", str(NUM_CPU_BLOCKS)], gateway_args=["--processes", "2"])
 
 
 class Prometheus:
@@ -402,3 +405,38 @@ def test_a_new_worker_is_discovered_and_scraped(fleet, prometheus, workload):
             break
         assert time.monotonic() < deadline, "worker1's metrics never arrived"
         time.sleep(1)
+
+
+def gateway_processes(fleet: Fleet) -> list[int]:
+    """The pids of the gateway's serving processes (children of `python -m gateway.app --processes 2`, not
+    multiprocessing's resource tracker)."""
+    parent = fleet.procs["gateway"].pid
+    kids = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    out = []
+    for pid in map(int, kids):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except FileNotFoundError:  # gone between the two reads
+            pass
+    return sorted(out)
+
+
+def test_a_gateway_process_that_dies_is_started_again(fleet, workload):
+    before = gateway_processes(fleet)
+    assert len(before) == 2
+    os.kill(before[0], signal.SIGKILL)
+    # the other process keeps serving the port meanwhile
+    with ThreadPoolExecutor(4) as ex:
+        for r in ex.map(lambda i: complete(fleet, f"Say {i}.", max_tokens=4, temperature=0), range(4)):
+            assert r["usage"]["completion_tokens"] == 4
+    deadline = time.monotonic() + 60
+    while True:  # uvicorn's supervisor notices the death and starts a new process
+        now = gateway_processes(fleet)
+        if len(now) == 2 and before[0] not in now:
+            break
+        assert time.monotonic() < deadline, f"gateway processes {now} (killed {before[0]})"
+        time.sleep(0.2)
+    with ThreadPoolExecutor(8) as ex:
+        for r in ex.map(lambda i: complete(fleet, f"Count to {i}.", max_tokens=4, temperature=0), range(8)):
+            assert r["usage"]["completion_tokens"] == 4

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from protocol import streams as S
+from protocol.heap import freeze_heap
 from scheduler.scheduler import Scheduler
 from scheduler.server.state import ServiceState, WorkerHandle
 
@@ -118,6 +119,7 @@ class WorkerRegistry:
             return None
         h = WorkerHandle(reg, sched, s.settings.max_plans_in_flight)
         s.workers[h.wid] = h
+        freeze_heap()  # the worker's block pools (a Python object per block): out of the step loop's collections
         if s.metrics is not None:
             s.metrics.register_worker(reg.info)
         log.info("worker %s registered: %d GPU blocks, %d CPU blocks, max_model_len %d", h.wid,
