@@ -1,5 +1,5 @@
 """The heaviest functions of a py-spy raw profile (`py-spy record -f raw`: one collapsed stack and its sample
-count per line), per thread: inclusive and self sample counts.
+count per line), per process (and thread, with `--threads`): inclusive and self sample counts.
 
     python benchmarks/pyspy_top.py PROFILE.raw [--top 25]
 """
@@ -23,8 +23,14 @@ def main() -> None:
         if not stack or not n.isdigit():
             continue
         frames = stack.split(";")
-        thread = frames[0] if "process" not in frames[0] else ";".join(frames[:2])
-        body = frames[2:] if "process" in frames[0] else frames[1:]
+        # with --subprocesses a child's stacks sit under its parents' "process PID:cmdline" frames: the
+        # innermost one names the process (and with --threads the frame after it the thread)
+        procs = [i for i, f in enumerate(frames) if f.startswith("process ")]
+        cut = procs[-1] + 1 if procs else 0
+        if cut < len(frames) and frames[cut].startswith("thread "):
+            cut += 1
+        thread = ";".join(frames[procs[-1] if procs else 0:cut]) or frames[0]
+        body = frames[cut:]
         totals[thread] += int(n)
         for f in set(body):
             incl[thread][f] += int(n)

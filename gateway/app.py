@@ -7,6 +7,7 @@ routes through FastAPI dependencies; requests and jobs live in Redis, so replica
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -89,14 +90,16 @@ def app_from_env() -> FastAPI:
     return create_app(settings)
 
 
-def _fresh_metrics_dir() -> str:
-    """prometheus-client's multiprocess directory, empty (values of an earlier run must not add up)."""
+def _metrics_dir() -> tuple[str, bool]:
+    """prometheus-client's multiprocess directory without an earlier run's values (they would add up), and
+    whether it is ours to remove: PROMETHEUS_MULTIPROC_DIR if set (its *.db files removed), else a new one."""
     d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if d:
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d, exist_ok=True)
-        return d
-    return tempfile.mkdtemp(prefix="pagedfleet-gateway-metrics-")
+    if not d:
+        return tempfile.mkdtemp(prefix="pagedfleet-gateway-metrics-"), True
+    os.makedirs(d, exist_ok=True)
+    for f in glob.glob(os.path.join(d, "*.db")):
+        os.remove(f)
+    return d, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # several processes accept on one socket: uvicorn starts them (and starts again one that dies); each has
     # its own Redis pool, output reader and lease, and /metrics adds up every process's values
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir()
+    metrics_dir, ours = _metrics_dir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.processes, **run)
+    try:
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.processes, **run)
+    finally:
+        if ours:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -22,7 +22,7 @@ class GatewaySettings(ServiceSettings):
     host: str = Field("0.0.0.0", description="the public API's address")
     port: int = Field(8000, description="the public API's port")
     processes: int = Field(1, ge=1, le=64, description="gateway processes sharing the port (uvicorn workers, "
-                           "restarted if one dies): one Python process takes in ~10k output tokens/s; with more "
+                           "restarted if one dies), for more clients than one event loop keeps up with; with more "
                            "than one, /metrics adds up every process's (prometheus-client's multiprocess mode)")
     keep_alive_s: float = Field(30.0, gt=0, description="an idle keep-alive connection is closed after this long "
                                 "(uvicorn's 5 s default lets a busy client reuse a connection as it closes)")

@@ -93,8 +93,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0", help="gateway bind address")
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--api-server-count", "--gateway-processes", dest="gateway_processes", type=int, default=None,
-                   help="gateway processes sharing the port (vLLM's --api-server-count): one takes in ~10k "
-                        "output tokens/s")
+                   help="gateway processes sharing the port (vLLM's --api-server-count; default 1)")
     p.add_argument("--api-key", action="append", default=None,
                    help="a key clients must send (Authorization: Bearer KEY); repeat for several; given to the "
                         "gateway through its environment (PAGEDFLEET_API_KEYS), never on a command line")
