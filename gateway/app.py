@@ -36,7 +36,7 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("pagedfleet.gateway")
 
 
-def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
+def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None, freeze: bool):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         info = model_info or load_model_info(settings)
@@ -49,7 +49,8 @@ def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
         app.state.token_text = TokenText(info.tokenizer)
         app.state.metrics = gateway_metrics()
         app.state.metrics.ensure_model(info.name)
-        freeze_heap()  # the libraries and the tokenizer: out of the collections the output deltas trigger
+        if freeze:  # the libraries and the tokenizer: out of the collections the output deltas trigger
+            freeze_heap()
         yield
         await lease.stop()
         await app.state.fleet.aclose()
@@ -62,9 +63,12 @@ def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None):
     return lifespan
 
 
-def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None, model_info: ModelInfo | None = None, *,
+               service: bool = False) -> FastAPI:
+    """``service``: the app is the gateway process's (`python -m gateway.app`): its heap is frozen once it has
+    started (protocol/heap.py); an app made inside another process (a test's) leaves that process's alone."""
     settings = settings or GatewaySettings()
-    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=_lifespan(settings, model_info))
+    app = FastAPI(title="PagedFleet gateway", version="1", lifespan=_lifespan(settings, model_info, service))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        per_path={"/v1/files": settings.max_file_bytes + 64 * 1024})  # + the multipart framing
     keys = settings.all_api_keys()
@@ -87,7 +91,7 @@ def app_from_env() -> FastAPI:
     """The app of one of several gateway processes (uvicorn's factory): the settings the parent parsed."""
     settings = GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV])
     settings.setup_logging()
-    return create_app(settings)
+    return create_app(settings, service=True)
 
 
 def _metrics_dir() -> tuple[str, bool]:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                log_level=settings.log_level.lower(), timeout_graceful_shutdown=3,
                timeout_keep_alive=settings.keep_alive_s)
     if settings.processes == 1:
-        uvicorn.run(create_app(settings), **run)
+        uvicorn.run(create_app(settings, service=True), **run)
         return 0
     # several processes accept on one socket: uvicorn starts them (and starts again one that dies); each has
     # its own Redis pool, output reader and lease, and /metrics adds up every process's values

@@ -56,8 +56,9 @@ TRIM_S = 10.0  # seconds between trims of the requests / results streams
 class SchedulerService(ServiceState):
     """The parts, wired; the shared state is the service itself (``ServiceState``)."""
 
-    def __init__(self, settings: SchedulerSettings, metrics: SchedulerMetrics | None = None):
-        super().__init__(settings, metrics)
+    def __init__(self, settings: SchedulerSettings, metrics: SchedulerMetrics | None = None,
+                 freeze_pools: bool = False):
+        super().__init__(settings, metrics, freeze_pools)
         self.instance = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.publisher = Publisher(self)
         self.placement = Placement(self, self.publisher.finish_locally)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.setup_logging()
 
     async def _main():
-        svc = SchedulerService(settings, scheduler_metrics())
+        svc = SchedulerService(settings, scheduler_metrics(), freeze_pools=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, svc.stopping.set)

@@ -119,7 +119,8 @@ class WorkerRegistry:
             return None
         h = WorkerHandle(reg, sched, s.settings.max_plans_in_flight)
         s.workers[h.wid] = h
-        freeze_heap()  # the worker's block pools (a Python object per block): out of the step loop's collections
+        if s.freeze_pools:  # its block pools (an object per block): out of the full collections
+            freeze_heap()
         if s.metrics is not None:
             s.metrics.register_worker(reg.info)
         log.info("worker %s registered: %d GPU blocks, %d CPU blocks, max_model_len %d", h.wid,

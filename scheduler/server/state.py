@@ -113,8 +113,12 @@ class ServiceState:
     """What every part of the service shares: the settings, the Redis client, the metrics, the live
     workers, the requests it tracks and the ones waiting for a worker."""
 
-    def __init__(self, settings: SchedulerSettings, metrics: SchedulerMetrics | None = None):
+    def __init__(self, settings: SchedulerSettings, metrics: SchedulerMetrics | None = None,
+                 freeze_pools: bool = False):
         self.settings = settings
+        # the scheduler process's own (`python -m scheduler.service`): each worker's block pools, once built,
+        # leave the full garbage collections (protocol/heap.py); a service inside a test's process does not
+        self.freeze_pools = freeze_pools
         self.r: aioredis.Redis | None = None  # connected in SchedulerService.run
         self.metrics = metrics
         self.workers: dict[str, WorkerHandle] = {}
