@@ -7,11 +7,9 @@ routes through FastAPI dependencies; requests and jobs live in Redis, so replica
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import shutil
-import tempfile
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -28,7 +26,7 @@ from gateway.file_store import FileStore
 from gateway.errors import install_error_handlers
 from gateway.fleet import FleetClient, FleetError, ModelInfo
 from gateway.lease import GatewayLease
-from gateway.metrics import gateway_metrics, multiprocess_dir
+from gateway.metrics import gateway_metrics, metrics_process_gone, multiprocess_metrics_dir
 from gateway.responses import TokenText
 from gateway.model_info import load_model_info
 from gateway.settings import GatewaySettings
@@ -55,10 +53,7 @@ def _lifespan(settings: GatewaySettings, model_info: ModelInfo | None, freeze: b
         await lease.stop()
         await app.state.fleet.aclose()
         await r.connection_pool.aclose()
-        if multiprocess_dir():  # its live gauges (requests in flight) leave the sum
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(os.getpid())
+        metrics_process_gone()
 
     return lifespan
 
@@ -94,18 +89,6 @@ def app_from_env() -> FastAPI:
     return create_app(settings, service=True)
 
 
-def _metrics_dir() -> tuple[str, bool]:
-    """prometheus-client's multiprocess directory without an earlier run's values (they would add up), and
-    whether it is ours to remove: PROMETHEUS_MULTIPROC_DIR if set (its *.db files removed), else a new one."""
-    d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not d:
-        return tempfile.mkdtemp(prefix="pagedfleet-gateway-metrics-"), True
-    os.makedirs(d, exist_ok=True)
-    for f in glob.glob(os.path.join(d, "*.db")):
-        os.remove(f)
-    return d, False
-
-
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -120,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # several processes accept on one socket: uvicorn starts them (and starts again one that dies); each has
     # its own Redis pool, output reader and lease, and /metrics adds up every process's values
-    metrics_dir, ours = _metrics_dir()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    metrics_dir, ours = multiprocess_metrics_dir()
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     try:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.processes, **run)

@@ -17,7 +17,9 @@ How gateway/app.py uses it (one ``GatewayMetrics`` per process; ``gateway_metric
 from __future__ import annotations
 
 import functools
+import glob
 import os
+import tempfile
 import threading
 import time
 from typing import Any
@@ -193,6 +195,27 @@ def multiprocess_dir() -> str | None:
     """prometheus-client's multiprocess directory, set by `python -m gateway.app --processes N` (N > 1) before
     the processes start: their metric values live in files there."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def multiprocess_metrics_dir() -> tuple[str, bool]:
+    """Before `--processes N` starts them: prometheus-client's multiprocess directory (set in the environment
+    they inherit), without an earlier run's values (they would add up), and whether it is ours to remove:
+    PROMETHEUS_MULTIPROC_DIR if set (its *.db files removed), else a new temporary one."""
+    d = multiprocess_dir()
+    ours = d is None
+    if ours:
+        d = tempfile.mkdtemp(prefix="pagedfleet-gateway-metrics-")
+    os.makedirs(d, exist_ok=True)
+    for f in glob.glob(os.path.join(d, "*.db")):
+        os.remove(f)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = d
+    return d, ours
+
+
+def metrics_process_gone() -> None:
+    """A gateway process's exit: its live gauges (requests in flight) leave the sum of the others."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(os.getpid())
 
 
 @functools.cache
