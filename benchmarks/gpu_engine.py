@@ -103,15 +103,17 @@ def _with_schema(eng, reqs, tokenizer_json: str):
 def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num_seqs: int,
                cuda_graphs: bool = True, quantization: str | None = None, pipeline: bool = False,
                schema_tokenizer: str | None = None, num_requests: int | None = None, ceil: dict | None = None,
-               max_model_len: int = 2048, profile: bool = False, lookahead: int = 1) -> dict:
+               max_model_len: int = 2048, profile: bool = False, lookahead: int = 1,
+               max_num_batched_tokens: int = 4096, graph_sizes: tuple[int, ...] | None = None) -> dict:
     from pagedfleet.bench.workloads import mixed
 
     t_init = time.perf_counter()
     backend = "triton" if device.startswith("cuda") else "torch"
     eng = _engine(model, device, dtype, backend, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
                   max_model_len=max_model_len, pipeline=pipeline, lookahead=lookahead,
-                  max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, gpu_memory_utilization=0.9,
-                  extra_worker={"enable_cuda_graphs": cuda_graphs})
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                  gpu_memory_utilization=0.9,
+                  extra_worker={"enable_cuda_graphs": cuda_graphs, "cuda_graph_batch_sizes": graph_sizes})
     init_s = time.perf_counter() - t_init
     graphs = eng.runner.cuda_graphs
     reqs = mixed().requests[:num_requests]
@@ -164,6 +166,8 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     stats = eng.scheduler.stats()
     rec.close()
     res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype, "pipeline": pipeline,
+           "max_num_batched_tokens": max_num_batched_tokens, "decode_balance": _decode_balance(),
+           "graph_sizes": graph_sizes and f"{len(graph_sizes)}: {graph_sizes[:6]}...",
            "lookahead": lookahead if pipeline else 0,
            "schema": bool(schema_tokenizer), "finish_reasons": _finish_counts(done),
            "kv_cache_dtype": kv_cache_dtype, "quantization": quantization, "requests": len(done),
@@ -193,6 +197,16 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     return res  # the caller frees the engine (_free)
 
 
+def _decode_balance() -> str:
+    """The decode kernel's load-balance settings and the rotary/KV-write fusion of this process (A/B runs set
+    them by environment)."""
+    from gpu_worker.attention.triton_backend import TritonAttentionBackend
+    from gpu_worker.cuda_graphs import LONGEST_FIRST
+    from kernels.paged_decode_attention import CTAS_PER_SM
+    return (f"longest_first={int(LONGEST_FIRST)} ctas_per_sm={CTAS_PER_SM} "
+            f"fused_rotary_kv={int(TritonAttentionBackend.fuses_rotary)}")
+
+
 def _profiler():
     """torch.profiler over the timed loop, GPU kernels only (CUPTI sees the kernels inside graph replays)."""
     act = torch.profiler.ProfilerActivity
@@ -204,7 +218,7 @@ def _profiler():
 _KERNEL_KINDS = (("attention_decode", ("paged_decode", "decode_attn", "_decode")),
                  ("attention_prefill", ("prefill", "unified_attention")),
                  ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "matmul", "fp8")),
-                 ("kv_write", ("reshape_and_cache",)), ("sampling", ("argmax", "softmax", "topk", "sort")))
+                 ("kv_write", ("reshape_and_cache", "rotary_and_cache")), ("sampling", ("argmax", "softmax", "topk", "sort")))
 
 
 def _kernel_summary(prof, wall_s: float) -> dict:
@@ -219,7 +233,33 @@ def _kernel_summary(prof, wall_s: float) -> dict:
     top = sorted(rows, key=lambda r: -r[1])[:15]
     return {"wall_s": round(wall_s, 3), "gpu_busy_s": round(busy, 3), "gpu_idle_s": round(wall_s - busy, 3),
             "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [[n[:90], round(t, 4), c] for n, t, c in top]}
+            "top_kernels": [[n[:90], round(t, 4), c] for n, t, c in top], "idle": _idle_gaps(prof)}
+
+
+def _idle_gaps(prof, top: int = 8) -> dict:
+    """Where the GPU waits: the gaps between consecutive kernels on the timeline, by size and by the kernels
+    either side (the kernel after a gap is what the host launched late)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    sizes = {"<10us": [0, 0.0], "10-100us": [0, 0.0], "0.1-1ms": [0, 0.0], ">1ms": [0, 0.0]}
+    after: dict[str, list] = {}
+    before: dict[str, list] = {}
+    end, prev = None, ""
+    for s, e, name in spans:
+        if end is not None and s > end:
+            gap = (s - end) / 1e6
+            size = "<10us" if gap < 1e-5 else "10-100us" if gap < 1e-4 else "0.1-1ms" if gap < 1e-3 else ">1ms"
+            for d, key in ((sizes, size), (after, name[:60]), (before, prev[:60])):
+                slot = d.setdefault(key, [0, 0.0])
+                slot[0] += 1
+                slot[1] += gap
+        if end is None or e > end:
+            end, prev = e, name
+
+    def rank(d):
+        return [[k, n, round(t, 4)] for k, (n, t) in sorted(d.items(), key=lambda kv: -kv[1][1])[:top]]
+    return {"by_size": {k: [n, round(t, 4)] for k, (n, t) in sizes.items()},
+            "by_kernel_after": rank(after), "by_kernel_before": rank(before)}
 
 
 def _finish_counts(done) -> dict:
@@ -268,6 +308,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--no-limit", action="store_true", help="skip measuring the ceilings (CPU runs)")
     ap.add_argument("--lookahead", type=int, default=1, help="plans made ahead in the pipelined runs")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--graph-step", type=int, default=None,
+                    help="CUDA graphs at 1, 2, 4, 8 then every N up to max_num_seqs (default: the worker's)")
     ap.add_argument("--profile", action="store_true",
                     help="the --runs under torch.profiler: GPU kernel time by kind, GPU idle time, top kernels")
     a = ap.parse_args()
@@ -281,13 +324,17 @@ def main() -> None:
     if not a.no_limit and a.device.startswith("cuda"):
         ceil = ceilings(a.device)
         print(json.dumps({"part": "ceilings", **ceil}), flush=True)
+    graph_sizes = None
+    if a.graph_step:
+        graph_sizes = tuple(sorted({1, 2, 4, 8} | set(range(a.graph_step, a.max_num_seqs, a.graph_step))
+                                   | {a.max_num_seqs}))
     if a.runs:
         for name in a.runs.split(","):
             kv, quant, pipe, model_opt, schema = RUNS[name]
             model = getattr(a, model_opt)
             r = throughput(model, a.device, a.dtype, kv, a.max_num_seqs, not a.no_cuda_graphs, quant, pipe,
                            a.schema_tokenizer if schema else None, a.num_requests, ceil, a.max_model_len,
-                           a.profile, a.lookahead)
+                           a.profile, a.lookahead, a.max_num_batched_tokens, graph_sizes)
             print(json.dumps({"run": name, **r}), flush=True)
             _free()
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -22,6 +23,13 @@ log = logging.getLogger(__name__)
 # The runner passed in (gpu_worker/model_runner.py) is typed Any: this module sits below it.
 
 
+# the int32 input slab's rows: token ids, positions, slots, seq lens, the decode kernel's order
+_ROWS = 5
+# the decode attention takes the sequences longest first (kernels/paged_decode_attention.py: load balance);
+# PAGEDFLEET_DECODE_LONGEST_FIRST=0 keeps batch order (A/B runs)
+LONGEST_FIRST = os.environ.get("PAGEDFLEET_DECODE_LONGEST_FIRST", "1") != "0"
+
+
 def default_graph_sizes(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself): at most 15 padding rows per step."""
     return sorted({b for b in (1, 2, 4, 8) if b < max_bs} | set(range(16, max_bs, 16)) | {max_bs})
@@ -33,9 +41,9 @@ class CudaGraphs:
     One graph per padded batch size (``WorkerConfig.cuda_graph_batch_sizes``, default 1, 2, 4, 8, 16, 32,
     ... max_num_seqs), captured right after the KV cache is allocated, largest first, into one memory pool
     (the graphs never run at the same time, so they share it). Inputs are static device buffers: token ids,
-    positions, slots (-1 on padding rows: no KV write) and seq lens (0 on padding rows: no KV read, a zero
-    output) as one int32 slab ``[4, max_bs]``, and block tables ``[max_bs, cdiv(max_model_len,
-    block_size)]``. A step of S sequences fills a pinned host copy of the slab plus its compact ``[S,
+    positions, slots (-1 on padding rows: no KV write), seq lens (0 on padding rows: no KV read, a zero
+    output) and the decode kernel's order (longest context first) as one int32 slab ``[5, max_bs]``, and
+    block tables ``[max_bs, cdiv(max_model_len, block_size)]``. A step of S sequences fills a pinned host copy of the slab plus its compact ``[S,
     blocks needed]`` table, sends it with ONE host-to-device copy, scatters the table into the static
     buffer (one device copy) and replays the smallest graph >= S; rows [:S] of its output are the hidden
     states. The decode kernel's split count is fixed at capture from max_model_len (its ``max_seq_len``
@@ -53,13 +61,14 @@ class CudaGraphs:
         self.sizes = sorted({int(b) for b in (cfg.cuda_graph_batch_sizes or default_graph_sizes(cfg.max_num_seqs))})
         self.max_batch_size = M = self.sizes[-1]
         self.width = W = -(-runner.max_model_len // runner.block_size)
-        n = 4 * M + M * W
+        n = _ROWS * M + M * W
         self.host = torch.zeros(n, dtype=torch.int32, pin_memory=cuda)
         self.host_np = self.host.numpy()
         self.dev_buf = torch.zeros(n, dtype=torch.int32, device=dev)
-        inp = self.dev_buf[: 4 * M].view(4, M)
-        self.ids, self.pos, self.slots, self.lens = inp[0], inp[1], inp[2], inp[3]
+        inp = self.dev_buf[: _ROWS * M].view(_ROWS, M)
+        self.ids, self.pos, self.slots, self.lens, self.order = inp
         self.slots.fill_(-1)
+        self.order.copy_(torch.arange(M, dtype=torch.int32))  # a valid permutation for every size's capture
         self.bt = torch.zeros((M, W), dtype=torch.int32, device=dev)
         self.qsl = torch.arange(M + 1, dtype=torch.int32, device=dev)
         # the pinned slab's last copy: wait for it before refilling the slab
@@ -85,7 +94,8 @@ class CudaGraphs:
     def _meta(self, pb: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slots[:pb], block_tables=self.bt[:pb], seq_lens=self.lens[:pb],
                                  query_start_loc=self.qsl[: pb + 1], max_query_len=1, max_seq_len=self.max_model_len,
-                                 is_decode_only=True, block_size=self.block_size)
+                                 is_decode_only=True, block_size=self.block_size,
+                                 decode_order=self.order[:pb] if LONGEST_FIRST else None)
 
     @torch.inference_mode()
     def _capture_all(self, r: Any) -> None:
@@ -115,7 +125,7 @@ class CudaGraphs:
         h = self.host_np
         if self.copied is not None:
             self.copied.synchronize()
-        v = h[: 4 * M].reshape(4, M)
+        v = h[: _ROWS * M].reshape(_ROWS, M)
         v[0, :S] = ids
         v[1, :S] = positions
         v[2, :S] = slots
@@ -124,7 +134,9 @@ class CudaGraphs:
             v[0:2, S:pb] = 0
             v[2, S:pb] = -1
             v[3, S:pb] = 0
-        off = 4 * M
+        if LONGEST_FIRST:  # the decode kernel's order: long contexts first, padding rows last
+            v[4, :pb] = np.argsort(-v[3, :pb], kind="stable")
+        off = _ROWS * M
         end = off + S * nb
         h[off:end].reshape(S, nb)[:] = bt[:, :nb]
         self.dev_buf[:end].copy_(self.host[:end], non_blocking=True)

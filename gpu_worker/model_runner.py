@@ -25,6 +25,7 @@ import torch
 
 from gpu_worker import distributed
 from gpu_worker.attention import AttentionMetadata, get_backend
+from gpu_worker.attention.metadata import host_to_device as _h2d
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import CudaGraphs
 from gpu_worker.input_batch import InputBatch, SeqState, StepInputs
@@ -41,15 +42,6 @@ from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, Wo
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on the device without a host sync: on CUDA through pinned memory (a copy from pageable
-    memory can make the host wait for the GPU), so a step can be launched while the previous one runs."""
-    t = torch.from_numpy(a)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -299,7 +291,7 @@ class ModelRunner:
         input_ids = _h2d(x.token_ids, dev)
         if on_device is not None:
             input_ids.index_copy_(0, *on_device)
-        pos_t = _h2d(np.ascontiguousarray(x.positions), dev)
+        pos_t = _h2d(x.positions, dev)
         self.backend.prepare(meta)
         return self.model(input_ids, pos_t, self.kv_cache, meta, self.backend)
 

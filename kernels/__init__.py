@@ -17,6 +17,7 @@ from .paged_decode_attention import paged_decode_attention, paged_decode_attenti
 from .paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from .quantize_fp8 import quantize_fp8_rowwise, quantize_fp8_rowwise_ref
 from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+from .rotary_and_cache import rotary_and_cache, rotary_and_cache_ref
 from .widen_pages import widen_pages, widen_pages_ref
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "reshape_and_cache",
     "reshape_and_cache_ref",
     "rotary",
+    "rotary_and_cache",
+    "rotary_and_cache_ref",
     "rotary_ref",
     "silu_and_mul",
     "silu_and_mul_fp8",

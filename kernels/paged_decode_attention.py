@@ -20,10 +20,16 @@ Kernel design
   chosen on the host from batch size, KV heads, a max-length bound known without reading seq_lens (the
   caller's `max_seq_len` hint, else block_tables.shape[1] * block_size) and the SM count: no host sync, so
   the call can be captured in a CUDA graph. With one split the kernel writes the output directly.
+- Load balance: the grid's slowest axis walks the sequences in the caller's `order` (the CUDA graphs pass
+  longest first), so the long programs start first and the short ones fill the SMs at the end instead of a
+  long sequence starting last and running alone (longest-processing-time-first scheduling). Without an
+  order, rows in batch order.
 - FP8 (e4m3) caches are dequantised on load: K is widened to the query dtype and k_scale is folded into the
   score multiplier; v_scale multiplies the output once at the end.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -52,6 +58,7 @@ def _paged_decode_kernel(
     v_ptr,
     bt_ptr,
     seq_lens_ptr,
+    order_ptr,  # int32 [batch]: the row each program column takes (longest first: the SMs finish together)
     out_ptr,
     part_o_ptr,
     part_lse_ptr,
@@ -83,8 +90,8 @@ def _paged_decode_kernel(
     COMPUTE: tl.constexpr,  # operand dtype of the two products: "q" (q's dtype), "fp16" or "fp32"
 ):
     kvh = tl.program_id(0)
-    b = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(1)
+    b = tl.load(order_ptr + tl.program_id(2))
 
     seq_len = tl.load(seq_lens_ptr + b)
     # contiguous token range of this split, a multiple of BLOCK_N long (so tiles never straddle splits)
@@ -190,7 +197,9 @@ def _paged_decode_kernel(
 
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32  # the in-kernel merge reads every split: 1 x 4096 took 21 us at 32 splits, 26 us at 64
-CTAS_PER_SM = 2
+# programs per SM the split count aims at; more than the SM holds at once (2 of this kernel's CTAs) so that
+# with the longest-first order the last wave is made of short programs (PAGEDFLEET_DECODE_CTAS_PER_SM: A/B runs)
+CTAS_PER_SM = int(os.environ.get("PAGEDFLEET_DECODE_CTAS_PER_SM", "2"))
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
@@ -215,6 +224,17 @@ def split_tickets(device: torch.device, n: int) -> torch.Tensor:
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
     return bufs[-1]
+
+
+# The identity order (batch rows as they come), per device, grown, never freed (a captured graph keeps it).
+_identity: dict[torch.device, torch.Tensor] = {}
+
+
+def _identity_order(device: torch.device, n: int) -> torch.Tensor:
+    buf = _identity.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _identity[device] = torch.arange(max(n, 1024), dtype=torch.int32, device=device)
+    return buf[:n]
 
 
 # Split partial outputs and log-sum-exps, one pair per (device, batch, heads, splits, head_dim), kept: each
@@ -271,7 +291,7 @@ def _launch_config(device, q_dtype, cache_dtype, batch, num_q_heads, num_kv_head
         num_warps=num_warps or d_nw,
         num_stages=num_stages or d_ns,
     )
-    return (num_kv_heads, batch, num_splits), num_splits, kwargs
+    return (num_kv_heads, num_splits, batch), num_splits, kwargs
 
 
 def paged_decode_attention(
@@ -290,6 +310,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    order: torch.Tensor | None = None,
     _compute: str | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache; returns `out` ([batch, num_q_heads, head_dim], q's dtype).
@@ -297,7 +318,8 @@ def paged_decode_attention(
     k_scale / v_scale dequantise FP8 caches (stored = value / scale) and are ignored for other dtypes.
     `max_seq_len` is an optional upper bound on seq_lens used only to choose the number of KV splits
     (default: block_tables.shape[1] * block_size); `num_splits`, `block_n`, `num_warps`, `num_stages`
-    override the tuned launch configuration.
+    override the tuned launch configuration. `order` (int32 [batch], a permutation of the rows) is the order
+    the programs take the sequences in: longest first balances the SMs; the result does not depend on it.
     """
     q, block_tables, out, block_size, num_kv_heads, head_dim = prepare_attention_call(
         q, k_cache, v_cache, block_tables, out, "batch")
@@ -321,9 +343,11 @@ def paged_decode_attention(
         tickets = split_tickets(device, batch * num_kv_heads)
     else:
         part_o = part_lse = tickets = out  # unused
+    if order is None:
+        order = _identity_order(device, batch)
     ks, vs = kv_scales(k_cache.dtype, k_scale, v_scale)
     launch_kernel(_paged_decode_kernel, device, grid, (
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, tickets,
+        q, k_cache, v_cache, block_tables, seq_lens, order, out, part_o, part_lse, tickets,
         float(scale) * ks * LOG2E, vs, num_q_heads, num_kv_heads,
         *q.stride()[:2], *out.stride()[:2], *cache_strides(k_cache, v_cache), block_tables.stride(0),
     ), kwargs, key)

@@ -82,6 +82,23 @@ def test_paged_decode_matches_reference(dtype, bs, gqa):
         assert err < TOL[dtype], (splits, err)
 
 
+def test_paged_decode_order_changes_only_the_schedule():
+    """The programs may take the sequences in any order (the CUDA graphs pass longest first): every row's
+    output is still its own sequence's attention, split or not."""
+    gen = torch.Generator().manual_seed(21)
+    bs, num_kv_heads, gqa = 16, 2, 4
+    lens = _ragged(bs)
+    _, k, v, bt, sl = _paged_setup(lens, bs, num_kv_heads, torch.float32, gen=gen)
+    q = torch.randn((len(lens), num_kv_heads * gqa, HEAD_DIM), generator=gen)
+    ref = kernels.paged_decode_attention_ref(q, k, v, bt, sl, 0.1, out_dtype=torch.float64)
+    order = torch.argsort(-sl, stable=True).to(torch.int32)
+    assert not torch.equal(order, torch.arange(len(lens), dtype=torch.int32))
+    for splits in (1, 3):
+        out = torch.full_like(q, float("nan"))
+        kernels.paged_decode_attention(q, k, v, bt, sl, 0.1, out=out, num_splits=splits, order=order)
+        assert _rel_err(out, ref) < 1e-3, splits
+
+
 def test_paged_decode_fp8_cache():
     gen = torch.Generator().manual_seed(7)
     bs, num_kv_heads, gqa = 16, 2, 4
@@ -237,6 +254,33 @@ def test_reshape_and_cache_matches_reference(cache_dtype, bs):
         assert ((got - want).abs() <= want.abs() / 16 + 2**-10).all()
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, FP8])
+def test_rotary_and_cache_is_rotary_then_kv_write(cache_dtype):
+    """The fused pass gives what the two kernels give one after the other: the rotated queries, and in the
+    cache the rotated keys and the values (padding slots untouched), bit for bit."""
+    gen = torch.Generator().manual_seed(4000)
+    bs, num_blocks, hq, hkv, n = 16, 10, 8, 2, 37
+    in_dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
+    kv = torch.randn((2, num_blocks, bs, hkv, HEAD_DIM), generator=gen)
+    kv = (kv * 50).to(cache_dtype) if cache_dtype == FP8 else kv.to(cache_dtype)
+    kv_two = kv.clone()
+    qkv = (torch.randn((n, (hq + 2 * hkv) * HEAD_DIM), generator=gen) * 3).to(in_dtype)
+    qk = qkv[:, : (hq + hkv) * HEAD_DIM].view(n, hq + hkv, HEAD_DIM)  # strided, as the layer's view
+    v = qkv[:, (hq + hkv) * HEAD_DIM:].view(n, hkv, HEAD_DIM)
+    angles = torch.rand((n, HEAD_DIM // 2), generator=gen) * 6.28
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:n]
+    slots[::4] = -1
+    ks, vs = (0.01, 0.02) if cache_dtype == FP8 else (1.0, 1.0)
+    q = kernels.rotary_and_cache(qk, v, cos, sin, kv[0], kv[1], slots, ks, vs)
+    rot = kernels.rotary(qk, cos, sin)
+    kernels.reshape_and_cache(rot[:, hq:], v, kv_two[0], kv_two[1], slots, ks, vs)
+    assert torch.equal(q, rot[:, :hq])
+    assert torch.equal(kv.view(torch.uint8), kv_two.view(torch.uint8))
+    q_ref = kernels.rotary_and_cache_ref(qk, v, cos, sin, kv_two[0], kv_two[1], slots, ks, vs)
+    assert ((q.float() - q_ref.float()).abs() <= 1e-2 * q_ref.float().abs() + 1e-5).all()
 
 
 def test_reshape_and_cache_fp8_rounding_edges():

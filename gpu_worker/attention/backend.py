@@ -15,6 +15,9 @@ from gpu_worker.attention.metadata import AttentionMetadata
 
 class AttentionBackend:
     name = "base"
+    # rotary_and_write_kv: the rotation of q|k and the KV write in one pass (else the layer rotates, then
+    # calls write_kv)
+    fuses_rotary = False
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the forward pass: build per-step index tensors (optional)."""
@@ -22,6 +25,13 @@ class AttentionBackend:
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         """key/value [num_tokens, kv_heads, head_dim] -> the slots of meta.slot_mapping (-1 skipped)."""
+        raise NotImplementedError
+
+    def rotary_and_write_kv(self, qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """qk [num_tokens, q_heads + kv_heads, head_dim] rotated (cos / sin [num_tokens, 1, head_dim / 2]):
+        the keys and values to their slots, the rotated queries [num_tokens, q_heads, head_dim] returned."""
         raise NotImplementedError
 
     def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

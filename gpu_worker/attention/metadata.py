@@ -9,6 +9,16 @@ import numpy as np
 import torch
 
 
+def host_to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without a host sync: on CUDA through pinned memory (a copy from pageable
+    memory makes the host wait until the stream has drained, so the next step could not be launched while
+    the previous one runs)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset; -1 = padding (skipped)
@@ -23,6 +33,8 @@ class AttentionMetadata:
     seq_lens_cpu: np.ndarray | None = None
     query_lens_cpu: np.ndarray | None = None
     block_tables_cpu: np.ndarray | None = None
+    # decode-only steps: the order the decode kernel takes the sequences in (longest first), None = as batched
+    decode_order: torch.Tensor | None = None
     # backend-specific per-step state (filled by AttentionBackend.prepare)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -69,10 +81,10 @@ class AttentionMetadata:
                    qsl: np.ndarray, block_size: int, device) -> "AttentionMetadata":
         dev = torch.device(device)
         return cls(
-            slot_mapping=torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(bt.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
+            slot_mapping=host_to_device(np.asarray(slots, dtype=np.int64), dev),
+            block_tables=host_to_device(bt.astype(np.int32), dev),
+            seq_lens=host_to_device(seq_lens.astype(np.int32), dev),
+            query_start_loc=host_to_device(qsl.astype(np.int32), dev),
             max_query_len=int(q_lens.max()) if len(q_lens) else 0,
             max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
             is_decode_only=bool(len(q_lens) and (q_lens == 1).all()),

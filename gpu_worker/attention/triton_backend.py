@@ -1,6 +1,7 @@
 """The Triton attention backend: the kernels of `kernels/` behind the AttentionBackend interface.
 
 write_kv -> kernels.reshape_and_cache (one launch per layer, padding slots skipped);
+rotary_and_write_kv -> kernels.rotary_and_cache (the layer's rotation and KV write in one launch);
 forward  -> kernels.paged_decode_attention when every sequence has exactly one new token, else
             kernels.paged_prefill_attention (chunked prefill, prefix-cache hits); a mixed step (the
             scheduler puts its decodes first) takes the decode kernel for its leading one-token sequences
@@ -12,6 +13,8 @@ Meant for CUDA tensors; CPU tensors also work through Triton's interpreter (slow
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -21,6 +24,8 @@ from gpu_worker.attention.metadata import AttentionMetadata
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    # kernels/rotary_and_cache.py (PAGEDFLEET_FUSED_ROTARY_KV=0: rotary, then reshape_and_cache; A/B runs)
+    fuses_rotary = os.environ.get("PAGEDFLEET_FUSED_ROTARY_KV", "1") != "0"
 
     def __init__(self) -> None:
         import kernels  # imported here: importing triton stays out of the torch-only paths
@@ -46,12 +51,18 @@ class TritonAttentionBackend(AttentionBackend):
                  meta: AttentionMetadata, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         self._k.reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
 
+    def rotary_and_write_kv(self, qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        return self._k.rotary_and_cache(qk, value, cos, sin, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+
     def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         k = self._k
         if meta.is_decode_only:
             return k.paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                            k_scale=k_scale, v_scale=v_scale, max_seq_len=meta.max_seq_len or None)
+                                            k_scale=k_scale, v_scale=v_scale, max_seq_len=meta.max_seq_len or None,
+                                            order=meta.decode_order)
         split = meta.extras.get("split")
         if split is None:
             return k.paged_prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
