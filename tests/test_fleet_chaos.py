@@ -98,6 +98,7 @@ class Load:
                 continue
             except httpx.HTTPError as e:
                 o.error = repr(e)
+                o.ended = time.monotonic()
                 self._record(o)
                 continue
             if r.status_code != 202:
@@ -235,9 +236,11 @@ def test_chaos_nothing_lost(fleet):
     collect_jobs(fleet, load)
 
     def with_client(o: Outcome) -> bool:
-        """A stream its gateway's death ended: in flight at the kill, or connecting while the gateway was
-        going down or away (its client saw the connection fail: nothing was accepted)."""
-        return o.kind == "stream" and o.started < gateway_down[1] and o.ended > gateway_down[0]
+        """A stream or a job submission its gateway's death ended: in flight at the kill, or connecting while
+        the gateway was going down or away (its client saw the connection fail, with no answer: a job it may
+        have queued has an id the client never got, so the client submits again)."""
+        return o.started < gateway_down[1] and o.ended > gateway_down[0] and (
+            o.kind == "stream" or "RemoteProtocolError" in (o.error or "") or "ReadError" in (o.error or ""))
 
     completed = [o for o in load.outcomes if o.error is None and o.text == want[o.prompt]]
     wrong = [o for o in load.outcomes if o.error is None and o.text != want[o.prompt]]
