@@ -197,8 +197,8 @@ def _paged_decode_kernel(
 
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32  # the in-kernel merge reads every split: 1 x 4096 took 21 us at 32 splits, 26 us at 64
-# programs per SM the split count aims at; more than the SM holds at once (2 of this kernel's CTAs) so that
-# with the longest-first order the last wave is made of short programs (PAGEDFLEET_DECODE_CTAS_PER_SM: A/B runs)
+# programs per SM the split count aims at (2: about one wave of this kernel's CTAs); more cuts long contexts
+# into more, shorter programs for the longest-first order to balance (PAGEDFLEET_DECODE_CTAS_PER_SM: A/B runs)
 CTAS_PER_SM = int(os.environ.get("PAGEDFLEET_DECODE_CTAS_PER_SM", "2"))
 
 
