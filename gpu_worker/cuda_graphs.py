@@ -30,9 +30,9 @@ _ROWS = 5
 LONGEST_FIRST = os.environ.get("PAGEDFLEET_DECODE_LONGEST_FIRST", "1") != "0"
 
 
-def default_graph_sizes(max_bs: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself): at most 15 padding rows per step."""
-    return sorted({b for b in (1, 2, 4, 8) if b < max_bs} | set(range(16, max_bs, 16)) | {max_bs})
+def default_graph_sizes(max_bs: int, step: int = 16) -> list[int]:
+    """1, 2, 4, 8, then every ``step`` up to max_bs (and max_bs itself): at most step - 1 padding rows."""
+    return sorted({b for b in (1, 2, 4, 8) if b < max_bs} | set(range(step, max_bs, step)) | {max_bs})
 
 
 class CudaGraphs:

@@ -27,6 +27,15 @@ from .quantize_fp8 import quantize_row
 
 
 @triton.jit
+def rotate_halves(row_ptr, stride_h, cos, sin, offs_h, offs_d, mask, HALF: tl.constexpr):
+    """The rotated halves (float32, [heads, D/2] each) of the heads offs_h of one token's row."""
+    p = row_ptr + offs_h[:, None].to(tl.int64) * stride_h + offs_d[None, :]
+    x1 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotary_kernel(
     x_ptr,
     cos_ptr,
@@ -50,11 +59,7 @@ def _rotary_kernel(
     mask = (offs_h[:, None] < num_heads) & mask_d[None, :]
     cos = tl.load(cos_ptr + t * stride_ct + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + t * stride_st + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    xp = x_ptr + t * stride_xt + offs_h[:, None].to(tl.int64) * stride_xh + offs_d[None, :]
-    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
+    o1, o2 = rotate_halves(x_ptr + t * stride_xt, stride_xh, cos, sin, offs_h, offs_d, mask, HALF)
     op = out_ptr + t * stride_ot + offs_h[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
     tl.store(op, o1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(op + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)

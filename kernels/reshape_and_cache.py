@@ -31,6 +31,17 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
+def cache_values(x, inv_scale, FP8: tl.constexpr, FP8_MAX: tl.constexpr, SOFT_FP8_ROUND: tl.constexpr):
+    """What the cache stores for x before the cast: for FP8 (e4m3) clamp(x / scale, +-FP8_MAX), rounded on
+    the e4m3 grid here under the interpreter (SOFT_FP8_ROUND); for other cache dtypes x itself."""
+    if FP8:
+        x = tl.clamp(x.to(tl.float32) * inv_scale, -FP8_MAX, FP8_MAX)
+        if SOFT_FP8_ROUND:
+            x = _round_to_e4m3_grid(x)
+    return x
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key_ptr,
     value_ptr,
@@ -68,12 +79,8 @@ def _reshape_and_cache_kernel(
         mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
         key = tl.load(key_ptr + t * stride_key_t + offs_h[:, None] * stride_key_h + offs_d[None, :], mask=mask)
         val = tl.load(value_ptr + t * stride_val_t + offs_h[:, None] * stride_val_h + offs_d[None, :], mask=mask)
-        if FP8:
-            key = tl.clamp(key.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
-            val = tl.clamp(val.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
-            if SOFT_FP8_ROUND:
-                key = _round_to_e4m3_grid(key)
-                val = _round_to_e4m3_grid(val)
+        key = cache_values(key, inv_k_scale, FP8, FP8_MAX, SOFT_FP8_ROUND)
+        val = cache_values(val, inv_v_scale, FP8, FP8_MAX, SOFT_FP8_ROUND)
         k_dst = k_ptr + blk * stride_kb + off * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
         v_dst = v_ptr + blk * stride_vb + off * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
         tl.store(k_dst, key.to(k_ptr.dtype.element_ty), mask=mask)

@@ -16,19 +16,8 @@ import triton
 import triton.language as tl
 
 from ._common import FP8_E4M3_MAX, cache_strides, check_cache, is_fp8, kernel_for, kv_scales, next_pow2
-from .fused_elementwise import rotary_ref
-from .reshape_and_cache import _round_to_e4m3_grid, reshape_and_cache_ref
-
-
-@triton.jit
-def _rotate(ptr, stride_h, cos, sin, offs_h, offs_d, mask, HALF: tl.constexpr, dtype):
-    """[heads, D/2] halves at ptr rotated, each rounded to dtype, returned as float32."""
-    p = ptr + offs_h[:, None].to(tl.int64) * stride_h + offs_d[None, :]
-    x1 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1 = (x1 * cos - x2 * sin).to(dtype).to(tl.float32)
-    o2 = (x2 * cos + x1 * sin).to(dtype).to(tl.float32)
-    return o1, o2
+from .fused_elementwise import rotary_ref, rotate_halves
+from .reshape_and_cache import cache_values, reshape_and_cache_ref
 
 
 @triton.jit
@@ -37,7 +26,7 @@ def _rotary_and_cache_kernel(
     inv_k_scale, inv_v_scale,
     stride_qkt, stride_qkh, stride_vt, stride_vh, stride_ct, stride_st, stride_qot, stride_qoh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vbt, stride_vbh,
-    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, SOFT_FP8_ROUND: tl.constexpr,
 ):
@@ -51,7 +40,7 @@ def _rotary_and_cache_kernel(
 
     offs_q = tl.arange(0, BLOCK_HQ)
     mask_q = (offs_q[:, None] < NUM_Q_HEADS) & mask_d[None, :]
-    q1, q2 = _rotate(row, stride_qkh, cos, sin, offs_q, offs_d, mask_q, HALF, dtype)
+    q1, q2 = rotate_halves(row, stride_qkh, cos, sin, offs_q, offs_d, mask_q, HALF)
     qo = q_out_ptr + t * stride_qot + offs_q[:, None].to(tl.int64) * stride_qoh + offs_d[None, :]
     tl.store(qo, q1.to(dtype), mask=mask_q)
     tl.store(qo + HALF, q2.to(dtype), mask=mask_q)
@@ -62,18 +51,13 @@ def _rotary_and_cache_kernel(
         off = slot % PAGE_SIZE
         offs_k = tl.arange(0, BLOCK_HKV)
         mask_k = (offs_k[:, None] < NUM_KV_HEADS) & mask_d[None, :]
-        k1, k2 = _rotate(row + NUM_Q_HEADS * stride_qkh, stride_qkh, cos, sin, offs_k, offs_d, mask_k, HALF, dtype)
+        k1, k2 = rotate_halves(row + NUM_Q_HEADS * stride_qkh, stride_qkh, cos, sin, offs_k, offs_d, mask_k, HALF)
+        # the key as the rotary kernel stores it (rounded to the input dtype), then as the cache stores it
+        k1 = cache_values(k1.to(dtype), inv_k_scale, FP8, FP8_MAX, SOFT_FP8_ROUND)
+        k2 = cache_values(k2.to(dtype), inv_k_scale, FP8, FP8_MAX, SOFT_FP8_ROUND)
         vp = v_ptr + t * stride_vt + offs_k[:, None].to(tl.int64) * stride_vh + offs_d[None, :]
-        v1 = tl.load(vp, mask=mask_k, other=0.0).to(tl.float32)
-        v2 = tl.load(vp + HALF, mask=mask_k, other=0.0).to(tl.float32)
-        if FP8:
-            k1 = tl.clamp(k1 * inv_k_scale, -FP8_MAX, FP8_MAX)
-            k2 = tl.clamp(k2 * inv_k_scale, -FP8_MAX, FP8_MAX)
-            v1 = tl.clamp(v1 * inv_v_scale, -FP8_MAX, FP8_MAX)
-            v2 = tl.clamp(v2 * inv_v_scale, -FP8_MAX, FP8_MAX)
-            if SOFT_FP8_ROUND:
-                k1, k2 = _round_to_e4m3_grid(k1), _round_to_e4m3_grid(k2)
-                v1, v2 = _round_to_e4m3_grid(v1), _round_to_e4m3_grid(v2)
+        v1 = cache_values(tl.load(vp, mask=mask_k, other=0.0), inv_v_scale, FP8, FP8_MAX, SOFT_FP8_ROUND)
+        v2 = cache_values(tl.load(vp + HALF, mask=mask_k, other=0.0), inv_v_scale, FP8, FP8_MAX, SOFT_FP8_ROUND)
         heads = offs_k[:, None].to(tl.int64)
         kd = k_cache_ptr + blk * stride_kb + off * stride_kt + heads * stride_kh + offs_d[None, :]
         vd = v_cache_ptr + blk * stride_vb + off * stride_vbt + heads * stride_vbh + offs_d[None, :]
@@ -113,7 +97,7 @@ def rotary_and_cache(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: 
         qk, v, cos2, sin2, q, k_cache, v_cache, slot_mapping.contiguous(), 1.0 / ks, 1.0 / vs,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), cos2.stride(0), sin2.stride(0),
         q.stride(0), q.stride(1), *cache_strides(k_cache, v_cache),
-        NUM_Q_HEADS=hq, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=D, HALF=half,
+        NUM_Q_HEADS=hq, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(half),
         PAGE_SIZE=block_size, FP8=fp8, FP8_MAX=FP8_E4M3_MAX, SOFT_FP8_ROUND=qk.device.type == "cpu",
         num_warps=4,

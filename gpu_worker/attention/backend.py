@@ -11,13 +11,11 @@ from __future__ import annotations
 import torch
 
 from gpu_worker.attention.metadata import AttentionMetadata
+from gpu_worker.layers.rotary import apply_rotary
 
 
 class AttentionBackend:
     name = "base"
-    # rotary_and_write_kv: the rotation of q|k and the KV write in one pass (else the layer rotates, then
-    # calls write_kv)
-    fuses_rotary = False
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the forward pass: build per-step index tensors (optional)."""
@@ -31,8 +29,12 @@ class AttentionBackend:
                             k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                             k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """qk [num_tokens, q_heads + kv_heads, head_dim] rotated (cos / sin [num_tokens, 1, head_dim / 2]):
-        the keys and values to their slots, the rotated queries [num_tokens, q_heads, head_dim] returned."""
-        raise NotImplementedError
+        the keys and values to their slots, the rotated queries [num_tokens, q_heads, head_dim] returned.
+        Here the rotation, then ``write_kv``; a backend may do both in one pass."""
+        qk = apply_rotary(qk, cos, sin)
+        nq = qk.shape[1] - k_cache.shape[2]
+        self.write_kv(qk[:, nq:], value, k_cache, v_cache, meta, k_scale, v_scale)
+        return qk[:, :nq]  # a strided view, last dim contiguous
 
     def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 from gpu_worker import distributed
 from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
-from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from gpu_worker.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SiluAndMul
 from gpu_worker.layers.linear import VocabParallelEmbedding, linear_prepacked, prepack_cpu_weight
 
 
@@ -101,16 +101,11 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        # rotate q and k together (one set of kernels): [T, Hq + Hkv, D] view of the fused projection
+        # q and k rotated together, k and v into the cache: [T, Hq + Hkv, D] view of the fused projection
         qk = qkv[:, : self.q_size + self.kv_size].view(T, nq + nkv, d)
         v = qkv[:, self.q_size + self.kv_size:].view(T, nkv, d)
         k_cache, v_cache = kv_cache[self.layer_idx, 0], kv_cache[self.layer_idx, 1]
-        if backend.fuses_rotary:
-            q = backend.rotary_and_write_kv(qk, v, *rope, k_cache, v_cache, meta, self.k_scale, self.v_scale)
-        else:
-            qk = apply_rotary(qk, *rope)
-            q, k = qk[:, :nq], qk[:, nq:]  # strided views, last dim contiguous
-            backend.write_kv(k, v, k_cache, v_cache, meta, self.k_scale, self.v_scale)
+        q = backend.rotary_and_write_kv(qk, v, *rope, k_cache, v_cache, meta, self.k_scale, self.v_scale)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
         out = self.o_proj(o.reshape(T, self.q_size))
         return distributed.all_reduce(out) if self.tp > 1 else out

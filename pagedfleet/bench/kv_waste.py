@@ -18,27 +18,16 @@ import json
 import sys
 import time
 
-from protocol.messages import WorkerInfo
-from pagedfleet.bench.workloads import DummyWorker, get_workload
-from scheduler import Scheduler, SchedulerConfig
+from pagedfleet.bench.workloads import get_workload, ledger_run
 
 
 def run_paged(workload, num_gpu_blocks: int, block_size: int, max_num_batched_tokens: int,
               max_num_seqs: int) -> dict:
-    info = WorkerInfo(worker_id="bench", model="none", block_size=block_size, num_gpu_blocks=num_gpu_blocks,
-                      num_cpu_blocks=0, max_model_len=workload.max_model_len, vocab_size=workload.vocab_size)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
-                      info)
-    for r in workload.requests:
-        sched.add_request(r)
-    worker = DummyWorker(workload.vocab_size)
     ratios = []
     peak = 0
     steps = 0
     t0 = time.perf_counter()
-    while sched.has_unfinished_requests():
-        plan = sched.schedule()
-        sched.update(worker.execute(plan))
+    for sched, _ in ledger_run(workload, num_gpu_blocks, block_size, max_num_batched_tokens, max_num_seqs):
         steps += 1
         allocated, filled = sched.kv.slot_usage()
         if allocated:

@@ -11,10 +11,12 @@ token ids rule (small enough for a CPU run of the real model).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from protocol.messages import GenerationRequest, SequenceOutput, StepPlan, StepResult, TokenLogprob
+from protocol.messages import GenerationRequest, SequenceOutput, StepPlan, StepResult, TokenLogprob, WorkerInfo
 from protocol.sampling import SamplingParams
+from scheduler import Scheduler, SchedulerConfig
 
 VOCAB_SIZE = 49152
 
@@ -96,3 +98,20 @@ class DummyWorker:
                 else:
                     outs.append(SequenceOutput(seq_id=sid, token_id=tok, logprob=-1.0))
         return StepResult(worker_id=plan.worker_id, step_id=plan.step_id, outputs=outs)
+
+
+def ledger_run(workload: Workload, num_gpu_blocks: int, block_size: int, max_num_batched_tokens: int,
+               max_num_seqs: int) -> Iterator[tuple[Scheduler, StepPlan]]:
+    """The workload through the real Scheduler and ledger with a DummyWorker (no model): each step's plan,
+    yielded with the scheduler once the step's result is applied."""
+    info = WorkerInfo(worker_id="bench", model="none", block_size=block_size, num_gpu_blocks=num_gpu_blocks,
+                      num_cpu_blocks=0, max_model_len=workload.max_model_len, vocab_size=workload.vocab_size)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+                      info)
+    for r in workload.requests:
+        sched.add_request(r)
+    worker = DummyWorker(workload.vocab_size)
+    while sched.has_unfinished_requests():
+        plan = sched.schedule()
+        sched.update(worker.execute(plan))
+        yield sched, plan
