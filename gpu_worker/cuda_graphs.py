@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -25,9 +24,6 @@ log = logging.getLogger(__name__)
 
 # the int32 input slab's rows: token ids, positions, slots, seq lens, the decode kernel's order
 _ROWS = 5
-# the decode attention takes the sequences longest first (kernels/paged_decode_attention.py: load balance);
-# PAGEDFLEET_DECODE_LONGEST_FIRST=0 keeps batch order (A/B runs)
-LONGEST_FIRST = os.environ.get("PAGEDFLEET_DECODE_LONGEST_FIRST", "1") != "0"
 
 
 def default_graph_sizes(max_bs: int, step: int = 16) -> list[int]:
@@ -95,7 +91,7 @@ class CudaGraphs:
         return AttentionMetadata(slot_mapping=self.slots[:pb], block_tables=self.bt[:pb], seq_lens=self.lens[:pb],
                                  query_start_loc=self.qsl[: pb + 1], max_query_len=1, max_seq_len=self.max_model_len,
                                  is_decode_only=True, block_size=self.block_size,
-                                 decode_order=self.order[:pb] if LONGEST_FIRST else None)
+                                 decode_order=self.order[:pb])
 
     @torch.inference_mode()
     def _capture_all(self, r: Any) -> None:
@@ -134,8 +130,9 @@ class CudaGraphs:
             v[0:2, S:pb] = 0
             v[2, S:pb] = -1
             v[3, S:pb] = 0
-        if LONGEST_FIRST:  # the decode kernel's order: long contexts first, padding rows last
-            v[4, :pb] = np.argsort(-v[3, :pb], kind="stable")
+        # the decode attention's order: long contexts first, padding rows last (load balance of the SMs:
+        # kernels/paged_decode_attention.py; 'mixed' 1.4% faster than batch order on an H100, 2026-12-07)
+        v[4, :pb] = np.argsort(-v[3, :pb], kind="stable")
         off = _ROWS * M
         end = off + S * nb
         h[off:end].reshape(S, nb)[:] = bt[:, :nb]

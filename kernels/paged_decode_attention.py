@@ -29,7 +29,6 @@ Kernel design
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -197,9 +196,9 @@ def _paged_decode_kernel(
 
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32  # the in-kernel merge reads every split: 1 x 4096 took 21 us at 32 splits, 26 us at 64
-# programs per SM the split count aims at (2: about one wave of this kernel's CTAs); more cuts long contexts
-# into more, shorter programs for the longest-first order to balance (PAGEDFLEET_DECODE_CTAS_PER_SM: A/B runs)
-CTAS_PER_SM = int(os.environ.get("PAGEDFLEET_DECODE_CTAS_PER_SM", "2"))
+# programs per SM the split count aims at (2: about one wave of this kernel's CTAs); 4 and 8 (more, shorter
+# programs for the longest-first order to balance) made 'mixed' no faster on an H100 (2026-12-07)
+CTAS_PER_SM = 2
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:

@@ -13,7 +13,6 @@ Meant for CUDA tensors; CPU tensors also work through Triton's interpreter (slow
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -21,10 +20,6 @@ import torch
 from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
 
-
-# rotary_and_write_kv in one kernel (kernels/rotary_and_cache.py); PAGEDFLEET_FUSED_ROTARY_KV=0: the rotary
-# kernel, then reshape_and_cache (A/B runs)
-FUSED_ROTARY_KV = os.environ.get("PAGEDFLEET_FUSED_ROTARY_KV", "1") != "0"
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -57,8 +52,6 @@ class TritonAttentionBackend(AttentionBackend):
     def rotary_and_write_kv(self, qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                             k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-        if not FUSED_ROTARY_KV:
-            return super().rotary_and_write_kv(qk, value, cos, sin, k_cache, v_cache, meta, k_scale, v_scale)
         return self._k.rotary_and_cache(qk, value, cos, sin, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
 
     def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
