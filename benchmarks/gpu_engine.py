@@ -241,6 +241,7 @@ def _idle_gaps(prof, top: int = 8) -> dict:
     sizes = {"<10us": [0, 0.0], "10-100us": [0, 0.0], "0.1-1ms": [0, 0.0], ">1ms": [0, 0.0]}
     after: dict[str, list] = {}
     before: dict[str, list] = {}
+    longest: list[tuple] = []  # (gap s, offset from the first kernel s, kernel before, kernel after)
     end, prev = None, ""
     for s, e, name in spans:
         if end is not None and s > end:
@@ -250,13 +251,16 @@ def _idle_gaps(prof, top: int = 8) -> dict:
                 slot = d.setdefault(key, [0, 0.0])
                 slot[0] += 1
                 slot[1] += gap
+            if gap >= 1e-4:
+                longest.append((round(gap * 1e3, 2), round((s - spans[0][0]) / 1e6, 3), prev[:40], name[:40]))
         if end is None or e > end:
             end, prev = e, name
 
     def rank(d):
         return [[k, n, round(t, 4)] for k, (n, t) in sorted(d.items(), key=lambda kv: -kv[1][1])[:top]]
     return {"by_size": {k: [n, round(t, 4)] for k, (n, t) in sizes.items()},
-            "by_kernel_after": rank(after), "by_kernel_before": rank(before)}
+            "by_kernel_after": rank(after), "by_kernel_before": rank(before),
+            "longest_ms_at_s": sorted(longest, reverse=True)[:24]}
 
 
 def _finish_counts(done) -> dict:
