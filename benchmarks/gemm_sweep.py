@@ -12,10 +12,6 @@ scheduler's own step sizes, no model) against the floor: how much of the decode 
 kernel choice could save.
 
     python3 benchmarks/gemm_sweep.py [--shapes qkv,o,gate_up,down,lm_head] [--variants tn,nn,lt,fp32red]
-                                     [--prefill-rows 2048,1024] [--prefill-only]
-
-`--prefill-rows`: at 4,096 and 8,192 rows, one call against the same product in row chunks
-(`gpu_worker.layers.linear.linear_row_chunks`), timed alternately.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limit import ceilings  # noqa: E402
-from gpu_worker.layers.linear import linear_row_chunks  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "lm_head": (4096, 128256)}  # (K, N) of Llama-3-8B
@@ -69,8 +64,6 @@ class Variant:
         return w.t().contiguous() if self.name == "nn" else w
 
     def call(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.name.startswith("rows"):  # rowsN: the model's row-chunked form (GEMM_ROW_CHUNK = N)
-            return linear_row_chunks(x, w, int(self.name[4:]))
         return x @ w if self.name == "nn" else F.linear(x, w)
 
 
@@ -106,17 +99,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--variants", default="tn,nn,lt,fp32red")
     ap.add_argument("--rotate-mb", type=int, default=400, help="weight copies per shape: at least this much")
-    ap.add_argument("--prefill-rows", default="2048,1024",
-                    help="row chunks to time against one call at the prefill sizes, alternating ('' skips)")
-    ap.add_argument("--prefill-only", action="store_true", help="only the row-chunk comparison")
     a = ap.parse_args()
     ceil = ceilings()
     copy, gemm = ceil["copy_tb_s"] * 1e12, ceil["bf16_gemm_tflop_s"] * 1e12
     print(json.dumps({"part": "ceilings", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d"), **ceil}), flush=True)
-    if a.prefill_only:
-        prefill_row_chunks(a.shapes.split(","), [int(r) for r in a.prefill_rows.split(",")], a.rotate_mb)
-        return
     batches = decode_batches()
     table: dict[tuple[str, str], dict[int, float]] = {}
     for shape in a.shapes.split(","):
@@ -141,8 +128,6 @@ def main() -> None:
             del ws
         del base
         torch.cuda.empty_cache()
-    if a.prefill_rows:
-        prefill_row_chunks(a.shapes.split(","), [int(r) for r in a.prefill_rows.split(",")], a.rotate_mb)
     # the decode steps of 'mixed': every shape's time at the batch padded to the CUDA graph sizes
     from gpu_worker.cuda_graphs import default_graph_sizes
     sizes = default_graph_sizes(256)
@@ -172,31 +157,6 @@ def main() -> None:
     print(json.dumps({"part": "mixed_decode_gemm_s", "steps": len(batches), "by_variant_s": summary,
                       "best_of_variants_s": round(best / 1e3, 3), "floor_s": round(floor_s, 3)}),
           flush=True)
-
-
-def prefill_row_chunks(shapes: list[str], chunk_rows: list[int], rotate_mb: int) -> None:
-    """One call against row chunks at the prefill sizes, timed alternately three times over (a GPU that
-    slows under sustained load slows both alike): whether splitting a prefill product pays."""
-    for shape in shapes:
-        if shape == "lm_head":
-            continue  # a prefill step's lm_head takes the last token of each prompt only
-        k, n = SHAPES[shape]
-        copies = max(1, -(-rotate_mb * 2**20 // (2 * k * n)))
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
-        for m in (4096, 8192):
-            names = ["tn"] + [f"rows{r}" for r in chunk_rows]
-            times: dict[str, list[float]] = {v: [] for v in names}
-            for _ in range(3):
-                for v in names:
-                    times[v].append(time_linear(Variant(v), ws, m))
-            best = {v: min(t) for v, t in times.items()}
-            print(json.dumps({"part": "prefill_row_chunks", "shape": shape, "m": m,
-                              "ms": {v: round(t, 4) for v, t in best.items()},
-                              "tflop_s": {v: round(2 * m * k * n / t / 1e9, 1) for v, t in best.items()},
-                              "speedup": {v: round(best["tn"] / t, 3) for v, t in best.items() if v != "tn"}}),
-                  flush=True)
-        del ws
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

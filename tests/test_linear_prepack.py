@@ -1,5 +1,4 @@
-"""CPU bf16 linears in oneDNN's weight layout (gpu_worker/layers/linear.py): same numbers as F.linear; the
-row-chunked product of prefill-sized inputs likewise."""
+"""CPU bf16 linears in oneDNN's weight layout (gpu_worker/layers/linear.py): same numbers as F.linear."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_worker.layers import Linear
-from gpu_worker.layers.linear import linear_prepacked, linear_row_chunks, prepack_cpu_weight
+from gpu_worker.layers.linear import linear_prepacked, prepack_cpu_weight
 
 
 # oneDNN's bf16 weight reorder needs AVX-512 (BF16) on x86: without it the layers stay on F.linear
@@ -38,12 +37,3 @@ def test_linear_layer_prepacks_only_cpu_bf16():
     assert torch.equal(lin(x), before)
     fp32 = Linear(64, 32, dtype=torch.float32)
     assert not fp32.prepack() and fp32.packed is None  # float32 stays on F.linear (the HF-identical path)
-
-
-@pytest.mark.parametrize("rows,max_rows", [(1, 128), (128, 128), (129, 128), (300, 128), (257, 64), (1000, 256)])
-def test_row_chunked_linear_equals_f_linear(rows, max_rows):
-    """Every row computed once, in its place: each row of a product depends on its own input row only."""
-    gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(48, 32, generator=gen, dtype=torch.float64)
-    x = torch.randn(rows, 32, generator=gen, dtype=torch.float64)
-    assert torch.allclose(linear_row_chunks(x, w, max_rows), F.linear(x, w), rtol=0, atol=1e-12)

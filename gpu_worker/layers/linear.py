@@ -12,7 +12,6 @@ step reads and twice the dense rate of a prefill, as vLLM's dynamic FP8 does."""
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -21,11 +20,6 @@ from torch import nn
 
 from gpu_worker import distributed
 from gpu_worker.layers._fused import fused
-
-# A prefill-sized bf16 product on CUDA in row chunks of at most this many rows (0: one call). On an H100,
-# cuBLAS's pick for 4,096 rows of the 8B model's linears ran at 0.87-0.90 of its rate at 2,048 rows
-# (benchmarks/gemm_sweep.py, 2026-12-07). PAGEDFLEET_GEMM_ROW_CHUNK sets it (A/B runs).
-GEMM_ROW_CHUNK = int(os.environ.get("PAGEDFLEET_GEMM_ROW_CHUNK", "0"))
 
 
 class Linear(nn.Module):
@@ -67,8 +61,6 @@ class Linear(nn.Module):
             return linear_fp8(x, self.weight_fp8, self.weight_scale)
         if self.packed is not None:
             return linear_prepacked(x, self.packed)
-        if 0 < GEMM_ROW_CHUNK < x.shape[0] and x.dim() == 2 and x.is_cuda:
-            return linear_row_chunks(x, self.weight, GEMM_ROW_CHUNK)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
@@ -109,19 +101,6 @@ def prepack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)  # packed for decode-size batches
     except (AttributeError, RuntimeError):
         return None
-
-
-def linear_row_chunks(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """x @ weight.T for a 2-D x as a few products of equal row chunks (at most max_rows each, a multiple of
-    64), each written into its rows of one output."""
-    rows = x.shape[0]
-    chunks = -(-rows // max_rows)
-    step = -(-rows // (chunks * 64)) * 64
-    out = x.new_empty(rows, weight.shape[0])
-    wt = weight.t()
-    for start in range(0, rows, step):
-        torch.mm(x[start:start + step], wt, out=out[start:start + step])
-    return out
 
 
 def linear_prepacked(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
