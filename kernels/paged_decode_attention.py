@@ -29,7 +29,6 @@ Kernel design
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

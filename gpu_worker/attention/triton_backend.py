@@ -13,13 +13,11 @@ Meant for CUDA tensors; CPU tensors also work through Triton's interpreter (slow
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from gpu_worker.attention.backend import AttentionBackend
 from gpu_worker.attention.metadata import AttentionMetadata
-
 
 
 class TritonAttentionBackend(AttentionBackend):
