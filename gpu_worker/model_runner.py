@@ -338,7 +338,7 @@ class ModelRunner:
                 rows = None
             if rows is not None:
                 hidden = hidden.index_select(0, _h2d(rows, self.device))
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden, float32=masks is not None)
             if masks is not None:
                 return states, None, lambda: self._mask_greedy(logits, states, masks)
             return states, self.sampler.greedy_tokens(logits), None

@@ -111,3 +111,17 @@ def test_cli_bad_input_exits_with_message():
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 2 and "max_tokens" in proc.stderr
+
+
+def test_bf16_greedy_tokens_do_not_depend_on_asking_for_logprobs():
+    """A plain greedy step takes its argmax over the LM head's bf16 logits on the device; asking for logprobs
+    sends the same step through the sampler's float32 path. The tokens must be the same."""
+    from pagedfleet.llm import LLM
+
+    llm = LLM(None, dtype="bfloat16", max_num_batched_tokens=256)
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colours:"]
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    with_lp = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, logprobs=1))
+    for a, b in zip(plain, with_lp):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(set(a.outputs[0].token_ids)) > 3  # real text, not one token repeated

@@ -191,15 +191,17 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
         return self.model(input_ids, positions, kv_cache, meta, backend)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden] -> float32 logits [n, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """hidden [n, hidden] -> logits [n, vocab], float32 (``float32=False``: in the model's dtype, for a
+        greedy argmax, which the exact widening to float32 would not change: no 2-4 bytes a logit written and
+        read again, ~200 MB a step at batch 256 and Llama-3's vocabulary)."""
         if self._lm_head_packed is not None:
             logits = linear_prepacked(hidden, self._lm_head_packed)
         else:
             logits = torch.nn.functional.linear(hidden, self.lm_head_weight)
         if self.tp_size > 1:  # every rank's vocab shard, then the padding rows cut off
-            return distributed.all_gather_last(logits)[..., : self.args.vocab_size].float()
-        return logits.float()
+            logits = distributed.all_gather_last(logits)[..., : self.args.vocab_size]
+        return logits.float() if float32 else logits
 
     def prepack_cpu(self) -> bool:
         """CPU, bf16: every linear layer and the LM head in oneDNN's weight layout (layers/linear.py); a
