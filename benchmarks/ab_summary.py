@@ -16,6 +16,7 @@ for path in sys.argv[1:]:
         if d.get("part") == "throughput":
             gp = d.get("gpu_profile") or {}
             print(path.rsplit("/", 1)[-1], d["run"], d.get("decode_balance") or d.get("ab_settings") or "", "tokens", d.get("max_num_batched_tokens"),
+                  "warm-up", d.get("warm_up_kernels"),
                   "graphs", d.get("graph_sizes"), "tok/s", d["output_tok_s"], "frac", d.get("fraction_of_limit"),
                   "limit", d.get("limit_output_tok_s"), "steps", d["steps"],
                   "busy", gp.get("gpu_busy_s"), "idle", gp.get("gpu_idle_s"), "kinds", gp.get("by_kind_s"))

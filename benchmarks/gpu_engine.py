@@ -105,7 +105,8 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
                cuda_graphs: bool = True, quantization: str | None = None, pipeline: bool = False,
                schema_tokenizer: str | None = None, num_requests: int | None = None, ceil: dict | None = None,
                max_model_len: int = 2048, profile: bool = False, lookahead: int = 1,
-               max_num_batched_tokens: int = 4096, graph_sizes: tuple[int, ...] | None = None) -> dict:
+               max_num_batched_tokens: int = 4096, graph_sizes: tuple[int, ...] | None = None,
+               warm_up_kernels: bool = True) -> dict:
     from pagedfleet.bench.workloads import mixed
 
     t_init = time.perf_counter()
@@ -114,7 +115,8 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
                   max_model_len=max_model_len, pipeline=pipeline, lookahead=lookahead,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                   gpu_memory_utilization=0.9,
-                  extra_worker={"enable_cuda_graphs": cuda_graphs, "cuda_graph_batch_sizes": graph_sizes})
+                  extra_worker={"enable_cuda_graphs": cuda_graphs, "cuda_graph_batch_sizes": graph_sizes,
+                                "warm_up_kernels": warm_up_kernels})
     init_s = time.perf_counter() - t_init
     graphs = eng.runner.cuda_graphs
     reqs = mixed().requests[:num_requests]
@@ -167,7 +169,7 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     stats = eng.scheduler.stats()
     rec.close()
     res = {"part": "throughput", "workload": "mixed", "model": model, "dtype": dtype, "pipeline": pipeline,
-           "max_num_batched_tokens": max_num_batched_tokens,
+           "max_num_batched_tokens": max_num_batched_tokens, "warm_up_kernels": warm_up_kernels,
            "graph_sizes": graph_sizes and f"{len(graph_sizes)}: {graph_sizes[:6]}...",
            "lookahead": lookahead if pipeline else 0,
            "schema": bool(schema_tokenizer), "finish_reasons": _finish_counts(done),
@@ -306,6 +308,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--graph-step", type=int, default=None,
                     help="CUDA graphs at 1, 2, 4, 8 then every N up to max_num_seqs (default: the worker's)")
+    ap.add_argument("--no-kernel-warm-up", action="store_true",
+                    help="skip the worker's start-up kernel warm-up (gpu_worker/warmup.py): its A/B")
     ap.add_argument("--profile", action="store_true",
                     help="the --runs under torch.profiler: GPU kernel time by kind, GPU idle time, top kernels")
     a = ap.parse_args()
@@ -326,7 +330,8 @@ def main() -> None:
             model = getattr(a, model_opt)
             r = throughput(model, a.device, a.dtype, kv, a.max_num_seqs, not a.no_cuda_graphs, quant, pipe,
                            a.schema_tokenizer if schema else None, a.num_requests, ceil, a.max_model_len,
-                           a.profile, a.lookahead, a.max_num_batched_tokens, graph_sizes)
+                           a.profile, a.lookahead, a.max_num_batched_tokens, graph_sizes,
+                           not a.no_kernel_warm_up)
             print(json.dumps({"run": name, **r}), flush=True)
             _free()
         return

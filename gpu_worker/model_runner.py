@@ -37,6 +37,7 @@ from gpu_worker.sampler import Sampler, SampleRequest
 from gpu_worker.structured_output import GrammarMasks, GrammarStep
 from model_io.grammar import GrammarCompiler
 from gpu_worker.step_outputs import StepOutputs, step_result
+from gpu_worker.warmup import mixed_step, warm_up
 from protocol import ScheduledSequence, SequenceOutput, StepPlan, StepResult, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class ModelRunner:
             except Exception:  # pragma: no cover - depends on the GPU stack
                 log.exception("CUDA graph capture failed: decode steps run eagerly")
                 self.cuda_graphs = None
+        if config.warm_up_kernels and self.device.type == "cuda":
+            log.info("kernels warmed up in %.2fs", warm_up(self))
 
     @property
     def seqs(self) -> dict[int, SeqState]:
@@ -213,15 +216,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
+        """The largest step the scheduler may send: max_num_batched_tokens tokens, some decodes and prefill
+        chunks of up to max_model_len tokens each (a step's tokens may exceed one sequence's length)."""
         a = self.args
-        T = max(1, min(self.config.max_num_batched_tokens, self.max_model_len))
-        nb = -(-T // self.block_size)
+        T = max(1, self.config.max_num_batched_tokens)
+        meta, nb = mixed_step(T, self.max_model_len, self.block_size, self.device)
         kv = torch.zeros((a.num_layers, 2, nb, self.block_size, self.num_kv_heads, a.head_dim),
                          dtype=self.kv_dtype, device=self.device)
-        meta = AttentionMetadata.build([T], [T], [list(range(nb))], self.block_size, self.device)
         self.backend.prepare(meta)
         ids = torch.zeros(T, dtype=torch.long, device=self.device)
-        pos = torch.arange(T, device=self.device)
+        pos = torch.arange(T, device=self.device) % self.max_model_len  # T may outnumber one sequence's positions
         h = self.model(ids, pos, kv, meta, self.backend)
         self.model.compute_logits(h[-min(T, 256):]).softmax(-1)
         del kv, h

@@ -410,3 +410,39 @@ def test_decode_graph_staging_matches_eager(backend):
         for a, b in zip(outs, graph_outs[sid]):
             if a.logprob is not None:
                 assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_kernel_warm_up_leaves_generation_unchanged():
+    """The start-up warm-up (gpu_worker/warmup.py) runs a decoder layer over mixed steps of many sizes and
+    the LM head at every row count, writing keys and values into blocks no sequence owns yet. Sequences
+    placed on those very blocks afterwards generate what they generate on a fresh cache: each reads only
+    its own keys and values, and what the warm-up left in the rest of a block is finite (0 x NaN would
+    poison a masked row)."""
+    from gpu_worker.warmup import warm_up
+
+    def run(warm: bool):
+        r = _tiny_runner(False)
+        if warm:
+            warm_up(r)
+            # blocks 16.. held the warm-up's prefill chunks: every slot written, values finite
+            written = r.kv_cache[0, :, 16:28].abs().amax(dim=(0, 3, 4))
+            assert (written > 0).all() and torch.isfinite(r.kv_cache).all()
+        d = Driver(r, chunk=24, first_block=16)  # the sequences on exactly those blocks
+        for i, (n, m) in enumerate([(3, 9), (40, 12), (17, 4), (70, 7)]):
+            d.add(i, [(7 * i + 3 * j) % 500 + 1 for j in range(n)], SamplingParams(temperature=0.0, max_tokens=m))
+        return d.run()
+
+    assert run(True) == run(False)
+
+
+def test_profile_step_takes_the_whole_token_budget():
+    """The step that sizes the KV cache has max_num_batched_tokens tokens even past max_model_len: decodes
+    first, then prefill chunks no longer than one sequence may be, on blocks of their own."""
+    from gpu_worker.warmup import mixed_step
+
+    meta, used = mixed_step(5000, 2048, 16, "cpu")
+    q = meta.query_start_loc.diff().tolist()
+    assert sum(q) == 5000 and q[:8] == [1] * 8 and max(q) == 2048 and len(q) == 8 + 3
+    tables = [row[row > 0].tolist() for row in meta.block_tables[1:]] + [meta.block_tables[0, :2].tolist()]
+    blocks = [b for t in tables for b in t]
+    assert len(blocks) == len(set(blocks)) and used == max(blocks) + 1
