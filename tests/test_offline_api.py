@@ -125,3 +125,12 @@ def test_bf16_greedy_tokens_do_not_depend_on_asking_for_logprobs():
     for a, b in zip(plain, with_lp):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert len(set(a.outputs[0].token_ids)) > 3  # real text, not one token repeated
+
+
+def test_token_budget_defaults_to_vllms_offline_one():
+    """Unset, a step's token budget is vLLM's for its offline class: 2048 on the CPU (16384 on a large GPU,
+    8192 on others); a value given is kept."""
+    from pagedfleet.engine import LLMEngine
+
+    assert LLMEngine(model="random:tiny").config.max_num_batched_tokens == 2048
+    assert LLMEngine(model="random:tiny", max_num_batched_tokens=512).config.max_num_batched_tokens == 512
