@@ -107,7 +107,10 @@ class ModelRunner:
                 log.exception("CUDA graph capture failed: decode steps run eagerly")
                 self.cuda_graphs = None
         if config.warm_up_kernels and self.device.type == "cuda":
-            log.info("kernels warmed up in %.2fs", warm_up(self))
+            try:
+                log.info("kernels warmed up in %.2fs", warm_up(self))
+            except Exception:  # pragma: no cover - a failed warm-up costs only the stalls it would save
+                log.exception("kernel warm-up failed: the step loop loads kernels as it meets them")
 
     @property
     def seqs(self) -> dict[int, SeqState]:
