@@ -20,15 +20,12 @@ Its KV writes land in blocks no sequence owns yet (a block is always written bef
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 import torch
 
 from gpu_worker.attention import AttentionMetadata
-
-log = logging.getLogger(__name__)
 
 _DECODES = 8  # one-token rows ahead of the prefill chunk in the warm-up steps
 
