@@ -171,7 +171,8 @@ def _run(eng, work) -> float:
     return _now() - t0
 
 
-def stalls(args) -> None:
+def _engine_and_work(args):
+    """The pipelined bf16 engine of gpu_engine.py's runs, warmed up by one short request, and 'mixed'."""
     eng = _engine(args.model, args.device, args.dtype, args.backend, pipeline=True, max_num_seqs=256,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2048, gpu_memory_utilization=0.9)
     vocab = eng.runner.args.vocab_size
@@ -179,6 +180,11 @@ def stalls(args) -> None:
     eng.add_request(work[0][0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     eng.run_to_completion()
     _sync()
+    return eng, work
+
+
+def stalls(args) -> None:
+    eng, work = _engine_and_work(args)
     tl = Timeline()
     _instrument(eng, tl)
     before = _counters()
@@ -224,13 +230,7 @@ def stalls(args) -> None:
 
 def runtime_calls(args) -> None:
     """The same run under torch.profiler with CPU activity: the CUDA runtime calls that took longest."""
-    eng = _engine(args.model, args.device, args.dtype, args.backend, pipeline=True, max_num_seqs=256,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2048, gpu_memory_utilization=0.9)
-    vocab = eng.runner.args.vocab_size
-    work = [([t % vocab for t in r.prompt_token_ids], r.sampling) for r in mixed().requests[: args.num_requests]]
-    eng.add_request(work[0][0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    eng.run_to_completion()
-    _sync()
+    eng, work = _engine_and_work(args)
     act = torch.profiler.ProfilerActivity
     with torch.profiler.profile(activities=[act.CPU, act.CUDA]) as prof:
         wall = _run(eng, work)
