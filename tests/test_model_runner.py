@@ -443,6 +443,6 @@ def test_profile_step_takes_the_whole_token_budget():
     meta, used = mixed_step(5000, 2048, 16, "cpu")
     q = meta.query_start_loc.diff().tolist()
     assert sum(q) == 5000 and q[:8] == [1] * 8 and max(q) == 2048 and len(q) == 8 + 3
-    tables = [row[row > 0].tolist() for row in meta.block_tables[1:]] + [meta.block_tables[0, :2].tolist()]
-    blocks = [b for t in tables for b in t]
-    assert len(blocks) == len(set(blocks)) and used == max(blocks) + 1
+    widths = [-(-int(n) // 16) for n in meta.seq_lens]
+    blocks = [int(b) for row, w in zip(meta.block_tables, widths) for b in row[:w]]
+    assert len(blocks) == len(set(blocks)) == used == sum(widths) and max(blocks) == used - 1
