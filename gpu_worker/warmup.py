@@ -12,7 +12,7 @@ odd token count). Triton kernels compile, or load from the disk cache, at their 
 
 * one decoder layer on a mixed step (decodes first, then a prefill chunk: the split attention path that the
   decode graphs never take) for every token count to 32, then a grid up to ``max_num_batched_tokens``
-  (cuBLAS changes kernels over ranges of rows, Triton specialises on 1 and multiples of 16);
+  (``token_counts``: cuBLAS changes kernels over ranges of rows, Triton specialises on 1 and multiples of 16);
 * the LM head and the greedy argmax for every row count a step can sample (1..max_num_seqs).
 
 Its KV writes land in blocks no sequence owns yet (a block is always written before it is read).
@@ -31,8 +31,10 @@ _DECODES = 8  # one-token rows ahead of the prefill chunk in the warm-up steps
 
 
 def token_counts(max_tokens: int) -> list[int]:
-    """Every count to 32, every 16 to 256, every 64 to ``max_tokens``, and ``max_tokens`` and ``max_tokens - 1``."""
-    grid = {*range(1, 33), *range(48, 257, 16), *range(320, max_tokens + 1, 64), max_tokens, max_tokens - 1}
+    """Every count to 32, every 16 to 256, every 64 to 4096, every 256 beyond, ``max_tokens`` and
+    ``max_tokens - 1`` (cuBLAS's choices change over ever wider ranges of rows as they grow)."""
+    grid = {*range(1, 33), *range(48, 257, 16), *range(320, 4097, 64), *range(4352, max_tokens + 1, 256),
+            max_tokens, max_tokens - 1}
     return sorted(n for n in grid if 1 <= n <= max_tokens)
 
 
