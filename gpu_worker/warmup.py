@@ -3,7 +3,7 @@
 With CUDA's lazy module loading (the default), a kernel's module is loaded at its first launch, and the load
 waits for the GPU's queue to drain (``cuLibraryLoadData`` under the context lock). In a pipelined step loop
 that is a bubble: the host, blocked in step N+1's launch until step N is done, leaves the GPU idle while it
-loads the kernel and queues the rest. The H100 profiles of 'mixed' (benchmarks/results/h100-2026-12-07.md)
+loads the kernel and queues the rest. The H100 profiles of 'mixed' (benchmarks/results/h100-2026-12-07/call2)
 show the pattern this is taken for: a 3-7 ms gap after nearly every prefill step (each samples a row count
 not seen before, and cuBLAS picks the LM head's kernel by shape) and 4-6 ms gaps inside the last one (its
 odd token count). Triton kernels compile, or load from the disk cache, at their first specialization too.
@@ -15,7 +15,8 @@ odd token count). Triton kernels compile, or load from the disk cache, at their 
   (``token_counts``: cuBLAS changes kernels over ranges of rows, Triton specialises on 1 and multiples of 16);
 * the LM head and the greedy argmax for every row count a step can sample (1..max_num_seqs).
 
-Its KV writes land in blocks no sequence owns yet (a block is always written before it is read).
+Its KV writes land in blocks no sequence owns yet: a sequence writes its positions before it reads them, and
+what the warm-up leaves in the rest of a block is finite (a masked key times a zero weight stays zero).
 """
 
 from __future__ import annotations
