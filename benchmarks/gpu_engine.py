@@ -106,7 +106,7 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
                schema_tokenizer: str | None = None, num_requests: int | None = None, ceil: dict | None = None,
                max_model_len: int = 2048, profile: bool = False, lookahead: int = 1,
                max_num_batched_tokens: int = 4096, graph_sizes: tuple[int, ...] | None = None,
-               warm_up_kernels: bool = True) -> dict:
+               warm_up_kernels: bool | None = None) -> dict:
     from pagedfleet.bench.workloads import mixed
 
     t_init = time.perf_counter()
@@ -331,7 +331,7 @@ def main() -> None:
             r = throughput(model, a.device, a.dtype, kv, a.max_num_seqs, not a.no_cuda_graphs, quant, pipe,
                            a.schema_tokenizer if schema else None, a.num_requests, ceil, a.max_model_len,
                            a.profile, a.lookahead, a.max_num_batched_tokens, graph_sizes,
-                           not a.no_kernel_warm_up)
+                           False if a.no_kernel_warm_up else None)
             print(json.dumps({"run": name, **r}), flush=True)
             _free()
         return

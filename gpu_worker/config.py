@@ -29,9 +29,9 @@ class WorkerConfig:
     enable_cuda_graphs: bool = True
     max_num_seqs: int = 256  # largest decode batch captured (the scheduler's max_num_seqs)
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, 8, then every 16 up to max_num_seqs
-    # CUDA: launch every kernel shape of the step loop once at start (gpu_worker/warmup.py), so that no lazy
-    # module load or Triton compile stalls the GPU between steps later
-    warm_up_kernels: bool = True
+    # launch every kernel shape of the step loop once at start (gpu_worker/warmup.py), so that no lazy module
+    # load or Triton compile stalls the GPU between steps later; None: on CUDA only (True: on the CPU too)
+    warm_up_kernels: bool | None = None
     # ranks of one tensor-parallel group (gpu_worker/tp_group.py starts them; gpu_worker/distributed.py):
     # each holds 1/N of the heads of every layer and of every KV block
     tensor_parallel_size: int = 1

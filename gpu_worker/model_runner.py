@@ -106,9 +106,11 @@ class ModelRunner:
             except Exception:  # pragma: no cover - depends on the GPU stack
                 log.exception("CUDA graph capture failed: decode steps run eagerly")
                 self.cuda_graphs = None
-        if config.warm_up_kernels and self.device.type == "cuda":
+        self.kernel_warm_up_s: float | None = None  # how long the start-up warm-up took, when it ran
+        if config.warm_up_kernels or (config.warm_up_kernels is None and self.device.type == "cuda"):
             try:
-                log.info("kernels warmed up in %.2fs", warm_up(self))
+                self.kernel_warm_up_s = warm_up(self)
+                log.info("kernels warmed up in %.2fs", self.kernel_warm_up_s)
             except Exception:  # pragma: no cover - a failed warm-up costs only the stalls it would save
                 log.exception("kernel warm-up failed: the step loop loads kernels as it meets them")
 

@@ -8,7 +8,8 @@ show the pattern this is taken for: a 3-7 ms gap after nearly every prefill step
 not seen before, and cuBLAS picks the LM head's kernel by shape) and 4-6 ms gaps inside the last one (its
 odd token count). Triton kernels compile, or load from the disk cache, at their first specialization too.
 
-``warm_up(runner)`` runs, once the KV cache and the CUDA graphs exist:
+``warm_up(runner)`` runs, once the KV cache and the CUDA graphs exist (on CUDA unless
+``WorkerConfig.warm_up_kernels`` says otherwise; every rank of a tensor-parallel group alike):
 
 * one decoder layer on a mixed step (decodes first, then a prefill chunk: the split attention path that the
   decode graphs never take) for every token count to 32, then a grid up to ``max_num_batched_tokens``

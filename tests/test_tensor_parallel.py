@@ -15,10 +15,11 @@ from protocol import streams as S
 MAX_NEW = 6
 
 
-def _llm(model, tp, **options):
+def _llm(model, tp, extra_worker=None, **options):
     from pagedfleet.llm import LLM
 
-    return LLM(model, dtype="float32", tensor_parallel_size=tp, extra_worker=dict(num_threads=1), **options)
+    return LLM(model, dtype="float32", tensor_parallel_size=tp, extra_worker=dict(num_threads=1, **(extra_worker or {})),
+               **options)
 
 
 def _generate(llm, prompts, params):
@@ -61,11 +62,14 @@ def test_tp3_smollm2_equals_one_rank_through_chunks_prefix_cache_fork_and_preemp
     assert one_rank[2]["preemptions_swap"] == stats["preemptions_swap"]
 
 
-def _tiny_tokens(tp, **options):
+def _tiny_tokens(tp, check=None, **options):
+    """``check(llm)``, when given, runs on the started engine before it generates."""
     torch.set_num_threads(1)
     prompts = [[1] + [(11 * j) % 500 + 3 for j in range(k)] for k in (5, 30, 12)]
     llm = _llm("random:tiny", tp, num_gpu_blocks=32, max_num_batched_tokens=16, max_num_seqs=8, **options)
     try:
+        if check is not None:
+            check(llm)
         return _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     finally:
         llm.engine.close()
@@ -73,6 +77,16 @@ def _tiny_tokens(tp, **options):
 
 def test_tp2_random_llama_equals_one_rank():
     assert _tiny_tokens(2) == _tiny_tokens(1)
+
+
+def test_tp2_kernel_warm_up_runs_on_every_rank_and_changes_no_token():
+    """The start-up warm-up (gpu_worker/warmup.py, forced on here: by default it runs on CUDA only) crosses
+    the group's collectives in its layer and LM-head passes: every rank runs it in the same order, the group
+    starts, and it generates what a group without it does."""
+    def warmed(llm):
+        assert llm.engine.runner.kernel_warm_up_s is not None  # rank 0's; the others ran theirs alongside
+
+    assert _tiny_tokens(2, warmed, extra_worker=dict(warm_up_kernels=True)) == _tiny_tokens(1)
 
 
 def _tiny_prompt_logprobs(tp, **options):
