@@ -70,19 +70,28 @@ def correctness(model: str, device: str, dtype: str, num_blocks: int) -> dict:
             "tokens_torch": [c.token_ids for c in runs["torch"]], "tokens_triton": [c.token_ids for c in runs["triton"]]}
 
 
-def _time_calls(obj, name: str, acc: dict) -> None:
-    """Accumulate the wall time of obj.name(...) into acc[name] (host-side breakdown of a step)."""
+def _time_calls(obj, name: str, acc: dict):
+    """Accumulate the wall time of obj.name(...) into acc[name] (host-side breakdown of a step); ``obj`` may be
+    an instance, a class or a module. Returns the undo (the wrapper makes a reference cycle)."""
     f = getattr(obj, name)
-    acc[name] = 0.0
+    own = obj.__dict__.get(name)  # None: a class's method, shadowed by an instance attribute
+    acc.setdefault(name, 0.0)
 
     def timed(*a, **kw):
         t = time.perf_counter()
         try:
             return f(*a, **kw)
         finally:
-            acc[name] += time.perf_counter() - t
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
 
     setattr(obj, name, timed)
+
+    def undo() -> None:
+        if own is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)
+    return undo
 
 
 def _with_schema(eng, reqs, tokenizer_json: str):
@@ -131,9 +140,8 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     acc: dict = {}
-    _time_calls(eng.scheduler, "schedule", acc)
-    _time_calls(eng.scheduler, "update", acc)
-    _time_calls(eng.runner, "execute", acc)
+    undo = [_time_calls(obj, name, acc) for obj, name in
+            ((eng.scheduler, "schedule"), (eng.scheduler, "update"), (eng.runner, "execute"))]
     replays0 = sum(getattr(g, "calls", 0) for g in graphs.graphs.values()) if graphs else 0
     decode_steps = 0
     _run = eng.runner._run
@@ -194,9 +202,9 @@ def throughput(model: str, device: str, dtype: str, kv_cache_dtype: str, max_num
     if ceil:
         lim = limit(rec.steps, model_costs(eng.runner), ceil, out_tokens)
         res.update(lim, fraction_of_limit=fraction(res["output_tok_s"], lim))
-    for obj, name in ((eng.scheduler, "schedule"), (eng.scheduler, "update"), (eng.runner, "execute"),
-                      (eng.runner, "_run")):
-        delattr(obj, name)  # drop the wrappers (they make reference cycles)
+    for u in undo:
+        u()  # drop the wrappers (they make reference cycles)
+    del eng.runner._run
     return res  # the caller frees the engine (_free)
 
 

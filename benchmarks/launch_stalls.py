@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_engine import _engine, _free  # noqa: E402
+from gpu_engine import _engine, _free, _time_calls  # noqa: E402
 from gpu_worker import launched_step, model_runner  # noqa: E402
 from pagedfleet.bench.workloads import mixed  # noqa: E402
 from protocol import SamplingParams  # noqa: E402
@@ -55,31 +55,17 @@ class Timeline:
     def __init__(self) -> None:
         self.log: list[tuple[float, str, int]] = []  # (host s, what, step index)
         self.launches: list[dict] = []
-        self.phase: dict[str, float] = {}
-        self._patched: list[tuple] = []
+        self.phase: dict[str, float] = {}  # the current launch's host seconds by wrapped call, cleared per launch
+        self._undo: list = []
 
-    def timed(self, obj, name: str, key: str | None = None) -> None:
-        """Add the time of every ``obj.name(...)`` to the current launch's phase ``key`` (until restore())."""
-        f = getattr(obj, name)
-        self._patched.append((obj, name, obj.__dict__.get(name)))
-        key = key or name
-
-        def wrapper(*a, **kw):
-            t = _now()
-            try:
-                return f(*a, **kw)
-            finally:
-                self.phase[key] = self.phase.get(key, 0.0) + _now() - t
-
-        setattr(obj, name, wrapper)
+    def timed(self, obj, name: str) -> None:
+        """Add the time of every ``obj.name(...)`` to the current launch's phases (until restore())."""
+        self._undo.append(_time_calls(obj, name, self.phase))
 
     def restore(self) -> None:
-        for obj, name, original in reversed(self._patched):
-            if original is None:
-                delattr(obj, name)  # an instance attribute over the class's method
-            else:
-                setattr(obj, name, original)
-        self._patched.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
 
 
 def _instrument(eng, tl: Timeline) -> None:
@@ -87,7 +73,7 @@ def _instrument(eng, tl: Timeline) -> None:
     launch = runner.launch
 
     def timed_launch(plan):
-        tl.phase = {}
+        tl.phase.clear()
         begin, end = _event(), _event()
         k = len(tl.launches)
         t0 = _now()
@@ -117,9 +103,9 @@ def _instrument(eng, tl: Timeline) -> None:
     tl.timed(runner.model, "compute_logits")
     tl.timed(runner.sampler, "greedy_tokens")
     if runner.cuda_graphs is not None:
-        tl.timed(runner.cuda_graphs, "forward", "graph_forward")
-    tl.timed(model_runner, "_h2d", "h2d")
-    tl.timed(launched_step.DeferredStep, "_start_copy", "token_copy")
+        tl.timed(runner.cuda_graphs, "forward")
+    tl.timed(model_runner, "_h2d")
+    tl.timed(launched_step.DeferredStep, "_start_copy")
     update = sched.update
 
     def timed_update(result):
