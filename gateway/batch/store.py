@@ -27,11 +27,15 @@ WINDOW_S = {"24h": 24 * 3600}
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 RECORD_TTL_S = 30 * 24 * 3600  # a finished batch's record, results and index entry are kept 30 days
 
+# ARGV: status, stamp, n (the count of statuses it must not move from), those n statuses, then field/value
+# pairs set in the same step: a reader never sees a terminal status without its errors or output file ids.
 SET_STATUS_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
-for i = 3, #ARGV do if cur == ARGV[i] then return 0 end end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n do if cur == ARGV[i] then return 0 end end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
+for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
@@ -91,10 +95,11 @@ async def create_batch(r, owner: str, endpoint: str, input_file_id: str, window:
 
 
 async def set_status(r, batch_id: str, status: str, unless: tuple[str, ...] = TERMINAL, **fields) -> bool:
-    """Move to `status` (stamping `<status>_at`) unless the batch is in one of `unless`; then set `fields`."""
-    ok = bool(await r.eval(SET_STATUS_LUA, 1, batch_key(batch_id), status, int(time.time()), *unless))
-    if ok and fields:
-        await r.hset(batch_key(batch_id), mapping={k: v for k, v in fields.items() if v is not None})
+    """Move to `status` (stamping `<status>_at`) and set `fields`, in one step, unless the batch is in one
+    of `unless`."""
+    pairs = [x for k, v in fields.items() if v is not None for x in (k, v)]
+    ok = bool(await r.eval(SET_STATUS_LUA, 1, batch_key(batch_id), status, int(time.time()), len(unless),
+                           *unless, *pairs))
     if ok and status in TERMINAL:
         async with r.pipeline(transaction=False) as p:
             p.srem(OPEN, batch_id)
