@@ -207,7 +207,6 @@ def stalls(args) -> None:
                           "launch": {x: v for x, v in hi.items() if x not in ("begin", "end")},
                           "prev_launch": {x: v for x, v in L[k - 1].items() if x not in ("begin", "end")},
                           "host_log_ms": ctx}), flush=True)
-    _free(eng)
 
 
 def runtime_calls(args) -> None:
@@ -227,7 +226,6 @@ def runtime_calls(args) -> None:
                       and "Synchronize" not in e.name), reverse=True)[: args.top]
     print(json.dumps({"part": "runtime_calls", "wall_s": round(wall, 3),
                       "by_total_ms": rows[:20], "longest_ms": longest}), flush=True)
-    _free(eng)
 
 
 def main() -> None:
@@ -244,8 +242,10 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d %H:%M")}), flush=True)
     stalls(args)
+    _free()  # once stalls() has returned: its frame held the engine, so a _free(eng) inside freed nothing
     if not args.skip_profile:
         runtime_calls(args)
+        _free()
 
 
 if __name__ == "__main__":
