@@ -8,7 +8,7 @@ import logging
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import Owner
@@ -16,6 +16,7 @@ from gateway.batch import store
 from gateway.deps import JsonBody
 from gateway.errors import BadRequest
 from gateway.files_routes import Files, owned_file
+from gateway.idempotency import IDEMPOTENT_ERRORS, REPLAYED_HEADER, KeyHeader, idempotency
 from gateway.listing import owner_index, page
 from gateway.routes import ERRORS
 
@@ -64,8 +65,10 @@ async def _owned(request: Request, batch_id: str, owner: str) -> dict:
     return raw
 
 
-@router.post("/v1/batches", responses=ERRORS, dependencies=[JsonBody])
-async def create_batch(body: BatchCreate, request: Request, files: Files, owner: Owner) -> dict:
+@router.post("/v1/batches", responses={**ERRORS, **IDEMPOTENT_ERRORS}, dependencies=[JsonBody])
+async def create_batch(body: BatchCreate, request: Request, response: Response, files: Files, owner: Owner,
+                       idempotency_key: KeyHeader = None) -> dict:
+    """With an `Idempotency-Key` header, a retry gets the batch its first try made (gateway/idempotency.py)."""
     if body.endpoint not in store.ENDPOINTS:
         raise BadRequest(f"endpoint: must be one of {list(store.ENDPOINTS)}, not {body.endpoint!r}", "endpoint")
     if body.completion_window not in store.WINDOW_S:
@@ -75,10 +78,18 @@ async def create_batch(body: BatchCreate, request: Request, files: Files, owner:
         raise BadRequest(f"input_file_id: file {f['id']} has purpose {f['purpose']!r}, not 'batch'",
                          "input_file_id")
     r = request.app.state.fleet.redis
-    batch_id = await store.create_batch(r, owner, body.endpoint, body.input_file_id, body.completion_window,
-                                        body.metadata)
-    await _queue_run(request, batch_id)
-    return store.batch_view(batch_id, await store.get_batch(r, batch_id))
+    idem = idempotency("batches", owner, idempotency_key, body.model_dump(mode="json", exclude_unset=True))
+    batch_id, replayed = await store.create_batch(r, owner, body.endpoint, body.input_file_id,
+                                                  body.completion_window, body.metadata, idem)
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    else:
+        await _queue_run(request, batch_id)
+    raw = await store.get_batch(r, batch_id)
+    if raw is None:
+        raise BadRequest(f"batch {batch_id}, made with this Idempotency-Key, has expired", "batch_id", 404,
+                         "batch_not_found")
+    return store.batch_view(batch_id, raw)
 
 
 @router.get("/v1/batches", responses=ERRORS)

@@ -21,6 +21,8 @@ from protocol import streams as S
 from protocol.redis_conn import OUTAGE_ERRORS, Outage
 from protocol.job_store import set_job_status
 from protocol.jobs import JobMeta, JobStatus
+from gateway.auth import request_owner_key
+from gateway.idempotency import Idempotency, create_once
 from gateway.listing import owner_index
 from gateway.output_mux import OUTAGE, OutputMux
 
@@ -108,10 +110,9 @@ class FleetClient:
         return name is None or name in self.model.aliases
 
     # ---- requests -------------------------------------------------------------------------------
-    async def submit(self, req: GenerationRequest, job_id: str | None = None) -> None:
-        # an interactive request ends with this process (the scheduler watches its lease); a job runs on
-        gateway = self.instance if job_id is None else None
-        cmd = S.RequestCommand(op="add", request_id=req.request_id, request=req, job_id=job_id, gateway=gateway)
+    async def submit(self, req: GenerationRequest) -> None:
+        """An interactive request: it ends with this process (the scheduler watches this gateway's lease)."""
+        cmd = S.RequestCommand(op="add", request_id=req.request_id, request=req, gateway=self.instance)
         # no MAXLEN here: trimming (scheduler, housekeeping) never drops an entry not yet processed
         await self.redis.xadd(S.REQUESTS, S.encode(cmd))
 
@@ -222,19 +223,29 @@ class FleetClient:
             raise FleetError(f"request {request_id} was lost when Redis restarted; send it again", 503)
 
     # ---- jobs -----------------------------------------------------------------------------------
-    async def create_job(self, meta: JobMeta, owner: str = "") -> None:
-        """`owner`: the hash of the caller's API key (gateway/auth.py); "" when the API is open."""
+    async def create_job(self, meta: JobMeta, request: GenerationRequest, owner: str = "",
+                         idem: Idempotency | None = None) -> tuple[str, bool]:
+        """Record the job and put its request on the requests stream in one transaction, so a gateway that
+        dies mid-way leaves no job that never runs. `owner`: the hash of the caller's API key
+        (gateway/auth.py), "" when the API is open. With `idem`, a job already made with that key is
+        returned instead: (its id, True); else (meta.job_id, False)."""
         key = S.job_key(meta.job_id)
         now = repr(time.time())
-        async with self.redis.pipeline(transaction=True) as p:
+        ttl_s = meta.ttl_s * 2 + 3600  # a backstop: housekeeping deletes finished jobs after their TTL
+        cmd = S.RequestCommand(op="add", request_id=request.request_id, request=request, job_id=meta.job_id)
+
+        def queue(p) -> None:
             p.hset(key, mapping={"meta": meta.model_dump_json(), "status": JobStatus.QUEUED.value,
                                  "updated_at": now, "owner": owner})
             p.zadd(job_index(owner), {meta.job_id: meta.created_at})
-            p.zremrangebyscore(job_index(owner), "-inf", meta.created_at - meta.ttl_s * 2 - 3600)  # long gone
-            p.expire(job_index(owner), meta.ttl_s * 2 + 3600)
-            # a backstop: housekeeping deletes finished jobs after their TTL; this catches leaks
-            p.expire(key, meta.ttl_s * 2 + 3600)
-            await p.execute()
+            p.zremrangebyscore(job_index(owner), "-inf", meta.created_at - ttl_s)  # long gone
+            p.expire(job_index(owner), ttl_s)
+            p.expire(key, ttl_s)
+            if owner:
+                p.set(request_owner_key(request.request_id), owner, ex=meta.ttl_s)
+            p.xadd(S.REQUESTS, S.encode(cmd))
+
+        return await create_once(self.redis, idem, meta.job_id, queue, ttl_s)
 
     async def get_job(self, job_id: str) -> dict | None:
         raw = await self.redis.hgetall(S.job_key(job_id))

@@ -19,8 +19,9 @@ from gateway.deps import Fleet, JsonBody, Texts
 from gateway.errors import BadRequest
 from gateway.fleet import FleetClient, job_index
 from gateway.listing import page
-from gateway.prepare import prepare_chat, prepare_completion, submit
-from gateway.responses import TokenText, chat_response, completion_response, new_id
+from gateway.idempotency import IDEMPOTENT_ERRORS, REPLAYED_HEADER, KeyHeader, idempotency
+from gateway.prepare import prepare_chat, prepare_completion
+from gateway.responses import TokenText, chat_response, completion_response, make_request, new_id
 from gateway.routes import ERRORS
 from model_io.output_processor import RequestOutputProcessor
 from protocol import streams as S
@@ -98,10 +99,15 @@ async def assemble_job(fleet: FleetClient, raw: dict, tt: TokenText) -> dict | N
     return result
 
 
-@router.post("/v1/jobs", status_code=202, response_model=JobView, responses=ERRORS, dependencies=[JsonBody])
-async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Texts, owner: Owner):
-    job_id = new_id("job")
+@router.post("/v1/jobs", status_code=202, response_model=JobView, responses={**ERRORS, **IDEMPOTENT_ERRORS},
+             dependencies=[JsonBody])
+async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Texts, owner: Owner,
+                     idempotency_key: KeyHeader = None):
+    """With an `Idempotency-Key` header, a retry gets the job its first try made (gateway/idempotency.py)."""
     kind = "chat" if isinstance(body, JobChatRequest) else "completion"
+    job_body = body.model_dump(mode="json", exclude_unset=True, exclude={"kind"})
+    idem = idempotency("jobs", owner, idempotency_key, {"kind": kind, **job_body})
+    job_id = new_id("job")
     if kind == "chat":
         prep = await prepare_chat(fleet, body, job_id)
         want_lp = bool(body.logprobs)
@@ -110,16 +116,20 @@ async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Text
             raise BadRequest("prompt: a job takes a single prompt", "prompt")
         prep = await prepare_completion(fleet, body, job_id)
         want_lp = body.logprobs is not None
-    meta = JobMeta(job_id=job_id, kind=kind, model=prep.model,
-                     body=body.model_dump(mode="json", exclude_unset=True, exclude={"kind"}), request_id=job_id,
-                     prompt_token_ids=prep.prompts[0], sampling=prep.params,
-                     include_stop_str_in_output=body.include_stop_str_in_output, want_logprobs=want_lp,
-                     created_at=time.time(), ttl_s=fleet.settings.job_ttl_s)
-    await fleet.create_job(meta, owner)
-    await submit(fleet, prep, job_id=job_id)
-    fleet.spawn(run_job(fleet, meta, tt))
+    meta = JobMeta(job_id=job_id, kind=kind, model=prep.model, body=job_body, request_id=job_id,
+                   prompt_token_ids=prep.prompts[0], sampling=prep.params,
+                   include_stop_str_in_output=body.include_stop_str_in_output, want_logprobs=want_lp,
+                   created_at=time.time(), ttl_s=fleet.settings.job_ttl_s)
+    request = make_request(job_id, prep.prompts[0], prep.params, prep.priority)
+    job_id, replayed = await fleet.create_job(meta, request, owner, idem)
+    if not replayed:
+        fleet.spawn(run_job(fleet, meta, tt))
     raw = await fleet.get_job(job_id)
-    return JSONResponse(_job_view(raw).model_dump(), status_code=202)
+    if raw is None or "meta" not in raw:
+        raise BadRequest(f"job {job_id!r}, made with this Idempotency-Key, has expired", "job_id", 404,
+                         "job_not_found")
+    return JSONResponse(_job_view(raw).model_dump(), status_code=202,
+                        headers={REPLAYED_HEADER: "true"} if replayed else None)
 
 
 async def _existing_job(fleet: FleetClient, job_id: str, owner: str) -> dict:

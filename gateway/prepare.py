@@ -232,7 +232,9 @@ def processors(fleet: FleetClient, prep: Prepared, include_stop: bool) -> list[R
             for rid, ids in zip(prep.request_ids, prep.prompts)]
 
 
-async def submit(fleet: FleetClient, prep: Prepared, job_id: str | None = None) -> None:
+async def submit(fleet: FleetClient, prep: Prepared) -> None:
+    """Put an interactive request's sequences on the requests stream (a job's goes with its record:
+    FleetClient.create_job)."""
     await record_request_owners(fleet.redis, fleet.settings.job_ttl_s, CALLER.get(), prep.request_ids)
     for rid, ids in zip(prep.request_ids, prep.prompts):
-        await fleet.submit(make_request(rid, ids, prep.params, prep.priority), job_id=job_id)
+        await fleet.submit(make_request(rid, ids, prep.params, prep.priority))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.fleet]
 
 MODEL = "smollm2-135m-instruct"
 ALICE, BOB, BURST, TOKENS, FROM_FILE = "sk-alice-1", "sk-bob-2", "sk-burst-3", "sk-tokens-4", "sk-file-5"
+CAROL, DAVE = "sk-carol-6", "sk-dave-7"  # the Idempotency-Key tests' own keys (own rate-limit buckets)
 RPM, TPM = 30, 1000
 
 
@@ -30,7 +32,7 @@ def gateway(tmp_path_factory):
     keyfile.write_text(f"# extra keys\n{FROM_FILE}\n\n")
     port = free_port()
     env = {"PYTHONPATH": str(REPO), "REDIS_URL": redis.url, "PAGEDFLEET_MAX_MODEL_LEN": "512",
-           "PAGEDFLEET_API_KEYS": f"{ALICE},{BOB},{BURST},{TOKENS}", "PAGEDFLEET_RATE_LIMIT_RPM": str(RPM),
+           "PAGEDFLEET_API_KEYS": f"{ALICE},{BOB},{BURST},{TOKENS},{CAROL},{DAVE}", "PAGEDFLEET_RATE_LIMIT_RPM": str(RPM),
            "PAGEDFLEET_RATE_LIMIT_TPM": str(TPM), "PATH": "/usr/bin:/bin"}
     log = open(work / "gateway.log", "wb")
     proc = subprocess.Popen([PY, "-m", "gateway.app", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
@@ -57,9 +59,12 @@ def get(url, path, key=None):
     return httpx.get(url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
 
 
-def new_job(url, key, prompt="Hello", max_tokens=8):
+def new_job(url, key, prompt="Hello", max_tokens=8, idempotency_key=None):
+    headers = {"Authorization": f"Bearer {key}"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     return httpx.post(url + "/v1/jobs", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens},
-                      headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                      headers=headers, timeout=30)
 
 
 def test_401_without_a_valid_key_200_with_one(gateway):
@@ -177,3 +182,44 @@ def test_bad_file_and_batch_requests_are_4xx_with_a_message(gateway):
         r = httpx.post(gateway + "/v1/batches", json=body, headers=h, timeout=10)
         assert 400 <= r.status_code < 500 and word in r.json()["error"]["message"], r.text
     assert get(gateway, "/v1/batches/batch_nope", ALICE).status_code == 404
+
+
+def test_job_posts_with_one_idempotency_key_make_one_job(gateway):
+    with ThreadPoolExecutor(8) as pool:  # a client retrying while its first try is still in flight
+        answers = list(pool.map(lambda _: new_job(gateway, CAROL, "Say hi.", idempotency_key="order-17"), range(8)))
+    assert [r.status_code for r in answers] == [202] * 8, [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert sorted(r.headers.get("Idempotent-Replayed", "") for r in answers) == [""] + ["true"] * 7
+    job_id = answers[0].json()["id"]
+    assert [j["id"] for j in get(gateway, "/v1/jobs", CAROL).json()["data"]] == [job_id]
+
+    r = new_job(gateway, CAROL, "Say bye.", idempotency_key="order-17")  # the key reused for another body
+    assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused", r.text
+    assert "different request body" in r.json()["error"]["message"] and r.json()["error"]["type"]
+    other = new_job(gateway, DAVE, "Say hi.", idempotency_key="order-17")  # another API key's key is its own
+    fresh = new_job(gateway, CAROL, "Say hi.", idempotency_key="order-18")
+    assert other.status_code == fresh.status_code == 202
+    assert len({job_id, other.json()["id"], fresh.json()["id"]}) == 3
+    assert "Idempotent-Replayed" not in other.headers and "Idempotent-Replayed" not in fresh.headers
+    assert [j["id"] for j in get(gateway, "/v1/jobs", DAVE).json()["data"]] == [other.json()["id"]]
+    r = new_job(gateway, CAROL, "Say hi.", idempotency_key="k" * 256)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key", r.text
+
+
+def test_batch_creates_with_one_idempotency_key_make_one_batch(gateway):
+    carol = openai.OpenAI(base_url=gateway + "/v1", api_key=CAROL, max_retries=0)
+    f = carol.files.create(file=("in.jsonl", b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", '
+                                             b'"body": {"prompt": "hi"}}\n'), purpose="batch")
+    once = {"Idempotency-Key": "nightly-2026-12-07"}
+    first = carol.batches.with_raw_response.create(input_file_id=f.id, endpoint="/v1/completions",
+                                                   completion_window="24h", metadata={"run": "a"}, extra_headers=once)
+    again = carol.batches.with_raw_response.create(input_file_id=f.id, endpoint="/v1/completions",
+                                                   completion_window="24h", metadata={"run": "a"}, extra_headers=once)
+    assert first.parse().id == again.parse().id and again.parse().metadata == {"run": "a"}
+    assert "Idempotent-Replayed" not in first.headers and again.headers["Idempotent-Replayed"] == "true"
+    assert [b.id for b in carol.batches.list()] == [first.parse().id]
+    with pytest.raises(openai.UnprocessableEntityError, match="different request body"):
+        carol.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                             metadata={"run": "b"}, extra_headers=once)
+    assert carol.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id \
+        != first.parse().id

@@ -36,8 +36,8 @@ class ReaderAfterEachCommand:
 def test_terminal_status_and_its_fields_change_in_one_step(durable_redis):
     async def scenario():
         r = aioredis.Redis.from_url(durable_redis.url, decode_responses=True)
-        failed = await store.create_batch(r, "alice", "/v1/chat/completions", "file-x", "24h", None)
-        done = await store.create_batch(r, "alice", "/v1/chat/completions", "file-y", "24h", None)
+        failed, _ = await store.create_batch(r, "alice", "/v1/chat/completions", "file-x", "24h", None)
+        done, _ = await store.create_batch(r, "alice", "/v1/chat/completions", "file-y", "24h", None)
         errors = [{"code": "invalid_file", "message": "line 1 is not JSON", "line": 1, "param": None}]
 
         watch = ReaderAfterEachCommand(r, durable_redis.url, failed)

@@ -19,6 +19,7 @@ import json
 import time
 import uuid
 
+from gateway.idempotency import Idempotency, create_once
 from gateway.listing import owner_index
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -78,20 +79,23 @@ def output_file_ids(batch_id: str) -> tuple[str, str]:
     return f"file-{hexpart}out", f"file-{hexpart}err"
 
 
-async def create_batch(r, owner: str, endpoint: str, input_file_id: str, window: str, metadata) -> str:
+async def create_batch(r, owner: str, endpoint: str, input_file_id: str, window: str, metadata,
+                       idem: Idempotency | None = None) -> tuple[str, bool]:
+    """(the new batch's id, False); with `idem`, a batch already made with that key: (its id, True)."""
     batch_id = new_batch_id()
     now = time.time()
     meta = {"endpoint": endpoint, "input_file_id": input_file_id, "completion_window": window,
             "metadata": metadata, "created_at": int(now), "expires_at": int(now + WINDOW_S[window])}
-    async with r.pipeline(transaction=True) as p:
+
+    def queue(p) -> None:
         p.hset(batch_key(batch_id), mapping={"meta": json.dumps(meta), "owner": owner, "status": "validating",
                                              "total": 0, "completed": 0, "failed": 0})
         p.sadd(OPEN, batch_id)
         p.zadd(owner_index("batches", owner), {batch_id: now})
         p.zremrangebyscore(owner_index("batches", owner), "-inf", now - RECORD_TTL_S)  # their records expired
         p.expire(owner_index("batches", owner), RECORD_TTL_S)
-        await p.execute()
-    return batch_id
+
+    return await create_once(r, idem, batch_id, queue, RECORD_TTL_S + WINDOW_S[window])
 
 
 async def set_status(r, batch_id: str, status: str, unless: tuple[str, ...] = TERMINAL, **fields) -> bool:
