@@ -16,7 +16,7 @@ from gateway.batch import store
 from gateway.deps import JsonBody
 from gateway.errors import BadRequest
 from gateway.files_routes import Files, owned_file
-from gateway.idempotency import IDEMPOTENT_ERRORS, REPLAYED_HEADER, KeyHeader, idempotency
+from gateway.idempotency import IDEMPOTENT_ERRORS, REPLAYED_HEADER, KeyHeader, idempotency, made_with
 from gateway.listing import owner_index, page
 from gateway.routes import ERRORS
 
@@ -69,6 +69,11 @@ async def _owned(request: Request, batch_id: str, owner: str) -> dict:
 async def create_batch(body: BatchCreate, request: Request, response: Response, files: Files, owner: Owner,
                        idempotency_key: KeyHeader = None) -> dict:
     """With an `Idempotency-Key` header, a retry gets the batch its first try made (gateway/idempotency.py)."""
+    r = request.app.state.fleet.redis
+    idem = idempotency("batches", owner, idempotency_key, body.model_dump(mode="json", exclude_unset=True))
+    if (made := await made_with(r, idem)) is not None:  # even when its input file is gone since
+        response.headers[REPLAYED_HEADER] = "true"
+        return await _created_batch_view(r, made)
     if body.endpoint not in store.ENDPOINTS:
         raise BadRequest(f"endpoint: must be one of {list(store.ENDPOINTS)}, not {body.endpoint!r}", "endpoint")
     if body.completion_window not in store.WINDOW_S:
@@ -77,14 +82,16 @@ async def create_batch(body: BatchCreate, request: Request, response: Response, 
     if f["purpose"] != "batch":
         raise BadRequest(f"input_file_id: file {f['id']} has purpose {f['purpose']!r}, not 'batch'",
                          "input_file_id")
-    r = request.app.state.fleet.redis
-    idem = idempotency("batches", owner, idempotency_key, body.model_dump(mode="json", exclude_unset=True))
     batch_id, replayed = await store.create_batch(r, owner, body.endpoint, body.input_file_id,
                                                   body.completion_window, body.metadata, idem)
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     else:
         await _queue_run(request, batch_id)
+    return await _created_batch_view(r, batch_id)
+
+
+async def _created_batch_view(r, batch_id: str) -> dict:
     raw = await store.get_batch(r, batch_id)
     if raw is None:
         raise BadRequest(f"batch {batch_id}, made with this Idempotency-Key, has expired", "batch_id", 404,

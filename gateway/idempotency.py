@@ -49,6 +49,23 @@ def idempotency(kind: str, owner: str, key: str | None, body: dict) -> Idempoten
     return Idempotency(f"pf:idem:{kind}:{owner}:{digest}", fingerprint)
 
 
+def _made(raw, idem: Idempotency) -> str | None:
+    """The id a key's record names (None: no record); a 422 when the record was made with another body."""
+    if raw is None:
+        return None
+    made = json.loads(raw)
+    if made["fingerprint"] != idem.fingerprint:
+        raise BadRequest(f"{HEADER}: this key was used with a different request body; a retry must send the same "
+                         "body, a new request a new key", HEADER, 422, "idempotency_key_reused")
+    return made["id"]
+
+
+async def made_with(redis, idem: Idempotency | None) -> str | None:
+    """The id of the object already made with this key, if any: a retry answers from it before any work (a
+    job's tokenizing, its token-rate charge). create_once checks again, atomically."""
+    return None if idem is None else _made(await redis.get(idem.redis_key), idem)
+
+
 async def create_once(redis, idem: Idempotency | None, new_id: str, queue_creation, ttl_s: int) -> tuple[str, bool]:
     """Create an object (`queue_creation(pipe)` queues its commands in a MULTI) unless `idem` names one already.
 
@@ -58,14 +75,9 @@ async def create_once(redis, idem: Idempotency | None, new_id: str, queue_creati
         async with redis.pipeline(transaction=True) as p:
             if idem is not None:
                 await p.watch(idem.redis_key)
-                raw = await p.get(idem.redis_key)
-                if raw is not None:
-                    made = json.loads(raw)
-                    if made["fingerprint"] != idem.fingerprint:
-                        raise BadRequest(f"{HEADER}: this key was used with a different request body; a retry "
-                                         "must send the same body, a new request a new key", HEADER, 422,
-                                         "idempotency_key_reused")
-                    return made["id"], True
+                made = _made(await p.get(idem.redis_key), idem)
+                if made is not None:
+                    return made, True
             p.multi()
             queue_creation(p)
             if idem is not None:

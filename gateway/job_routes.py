@@ -19,7 +19,7 @@ from gateway.deps import Fleet, JsonBody, Texts
 from gateway.errors import BadRequest
 from gateway.fleet import FleetClient, job_index
 from gateway.listing import page
-from gateway.idempotency import IDEMPOTENT_ERRORS, REPLAYED_HEADER, KeyHeader, idempotency
+from gateway.idempotency import IDEMPOTENT_ERRORS, REPLAYED_HEADER, KeyHeader, idempotency, made_with
 from gateway.prepare import prepare_chat, prepare_completion
 from gateway.responses import TokenText, chat_response, completion_response, make_request, new_id
 from gateway.routes import ERRORS
@@ -107,6 +107,8 @@ async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Text
     kind = "chat" if isinstance(body, JobChatRequest) else "completion"
     job_body = body.model_dump(mode="json", exclude_unset=True, exclude={"kind"})
     idem = idempotency("jobs", owner, idempotency_key, {"kind": kind, **job_body})
+    if (made := await made_with(fleet.redis, idem)) is not None:
+        return await _created_job_view(fleet, made, replayed=True)
     job_id = new_id("job")
     if kind == "chat":
         prep = await prepare_chat(fleet, body, job_id)
@@ -124,6 +126,10 @@ async def create_job(body: Annotated[JobRequest, Body()], fleet: Fleet, tt: Text
     job_id, replayed = await fleet.create_job(meta, request, owner, idem)
     if not replayed:
         fleet.spawn(run_job(fleet, meta, tt))
+    return await _created_job_view(fleet, job_id, replayed)
+
+
+async def _created_job_view(fleet: FleetClient, job_id: str, replayed: bool) -> JSONResponse:
     raw = await fleet.get_job(job_id)
     if raw is None or "meta" not in raw:
         raise BadRequest(f"job {job_id!r}, made with this Idempotency-Key, has expired", "job_id", 404,

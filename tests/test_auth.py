@@ -218,8 +218,11 @@ def test_batch_creates_with_one_idempotency_key_make_one_batch(gateway):
     assert first.parse().id == again.parse().id and again.parse().metadata == {"run": "a"}
     assert "Idempotent-Replayed" not in first.headers and again.headers["Idempotent-Replayed"] == "true"
     assert [b.id for b in carol.batches.list()] == [first.parse().id]
+    carol.files.delete(f.id)  # a retry after the input file is gone still names the batch it made
+    assert carol.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                                metadata={"run": "a"}, extra_headers=once).id == first.parse().id
     with pytest.raises(openai.UnprocessableEntityError, match="different request body"):
         carol.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
                              metadata={"run": "b"}, extra_headers=once)
-    assert carol.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id \
-        != first.parse().id
+    with pytest.raises(openai.NotFoundError):  # without the key: a new batch, over a file that is gone
+        carol.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
