@@ -99,13 +99,19 @@ def get_owner(request: Request) -> str:
 Owner = Annotated[str, Depends(get_owner)]
 
 
+def queue_request_owners(pipe, ttl_s: int, owner: str | None, request_ids: list[str]) -> None:
+    """Queue on a pipeline the records of who owns these request ids (for the block map); the anonymous
+    owner (no keys) owns all, so it records none."""
+    if owner:
+        for rid in request_ids:
+            pipe.set(request_owner_key(rid), owner, ex=ttl_s)
+
+
 async def record_request_owners(redis, ttl_s: int, owner: str | None, request_ids: list[str]) -> None:
-    """Remember who owns these request ids (for the block map); the anonymous owner (no keys) owns all."""
     if not owner:
         return
     async with redis.pipeline(transaction=False) as p:
-        for rid in request_ids:
-            p.set(request_owner_key(rid), owner, ex=ttl_s)
+        queue_request_owners(p, ttl_s, owner, request_ids)
         await p.execute()
 
 

@@ -21,7 +21,7 @@ from protocol import streams as S
 from protocol.redis_conn import OUTAGE_ERRORS, Outage
 from protocol.job_store import set_job_status
 from protocol.jobs import JobMeta, JobStatus
-from gateway.auth import request_owner_key
+from gateway.auth import queue_request_owners
 from gateway.idempotency import Idempotency, create_once
 from gateway.listing import owner_index
 from gateway.output_mux import OUTAGE, OutputMux
@@ -241,8 +241,7 @@ class FleetClient:
             p.zremrangebyscore(job_index(owner), "-inf", meta.created_at - ttl_s)  # long gone
             p.expire(job_index(owner), ttl_s)
             p.expire(key, ttl_s)
-            if owner:
-                p.set(request_owner_key(request.request_id), owner, ex=meta.ttl_s)
+            queue_request_owners(p, meta.ttl_s, owner, [request.request_id])
             p.xadd(S.REQUESTS, S.encode(cmd))
 
         return await create_once(self.redis, idem, meta.job_id, queue, ttl_s)
