@@ -7,7 +7,7 @@
 # engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), engine-bf16-nowarm
 # (without the start-up kernel warm-up, gpu_worker/warmup.py), combined as
 # engine-bf16-t8192-g8: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's engine);
-# bf16-figure (= env engine-bf16 engine-base engine-bf16-nowarm engine-bf16-t8192 engine-bf16-t16384 profile-bf16
+# issue11 (every figure of issue 11, ~8 min); bf16-figure (= env engine-bf16 engine-base engine-bf16-nowarm engine-bf16-t8192 engine-bf16-t16384 profile-bf16
 # stalls: t16384 is the offline engine's own default on an H200);
 # stalls (benchmarks/launch_stalls.py);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
@@ -77,6 +77,9 @@ expand() {  # composite stages: their parts, in order
     fleet) echo fleet-bf16 fleet-bf16-pipeline fleet-fp8 fleet-fp8-pipeline ;;
     bf16-figure) echo env engine-bf16 engine-base engine-bf16-nowarm engine-bf16-t8192 engine-bf16-t16384 profile-bf16 stalls ;;  # issue 11's figure, ~6 min
     lowload) echo lowload-sync lowload-pipeline ;;
+    # every figure of issue 11 in one call, the bf16 figure first (its engine default, 16,384 tokens a step),
+    # then FP8 offline and fleet / offline, bf16 fleet / offline, low-load ITL, stop 20's engine: ~8 min
+    issue11) echo env engine-bf16-t16384 fleet-fp8-pipeline fleet-bf16-pipeline lowload-pipeline engine-base ;;
     hostprof) echo hostprof-schema hostprof-fleet ;;  # host-side profiles (py-spy, .dev/pyspy)
     *) echo "$1" ;;
   esac
