@@ -7,8 +7,8 @@
 # engine-bf16, engine-bf16-gN (CUDA graphs every N), engine-bf16-tN (N tokens a step), engine-bf16-nowarm
 # (without the start-up kernel warm-up, gpu_worker/warmup.py), combined as
 # engine-bf16-t8192-g8: the bf16 pipelined run; engine-base: the same run of .dev/base (ea371da, stop 20's engine);
-# issue11 (every figure of issue 11, ~8 min); bf16-figure (= env engine-bf16 engine-base engine-bf16-nowarm engine-bf16-t8192 engine-bf16-t16384 profile-bf16
-# stalls: t16384 is the offline engine's own default on an H200);
+# issue11 (its parts at expand() below); bf16-figure (= env engine-bf16 engine-base engine-bf16-nowarm
+# engine-bf16-t8192 engine-bf16-t16384 profile-bf16 stalls: t16384 is the offline engine's own default on an H200);
 # stalls (benchmarks/launch_stalls.py);
 # hostprof (= hostprof-schema hostprof-fleet); gw-deltas (the gateway's delta intake, per-request reads vs one reader); engine-la2 fleet-bf16-la2 fleet-fp8-la2: two plans ahead. Each stage writes its JSON lines
 # and log under $OUT; a failing stage does not stop the next. Needs .dev/ carried: whl/ (the packages the
